@@ -1,0 +1,147 @@
+"""Command line: one subcommand per workflow stage (`python -m idc_diffusion STAGE ...`).
+
+Each Snakemake rule runs exactly one of these commands with its config section as JSON
+(`--settings`), so a stage can be rerun by hand with the same arguments the rule used.
+`--config FILE` instead reads a whole workflow config and validates it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from idc_diffusion.config import ConfigError, load_config
+
+log = logging.getLogger("idc_diffusion")
+
+
+def _settings(args: argparse.Namespace, section: str) -> dict:
+    """The stage's config section: from --settings JSON (rules) or --config YAML (by hand)."""
+    if args.config:
+        return load_config(args.config)[section]
+    return json.loads(args.settings)
+
+
+def _top_level(args: argparse.Namespace, key: str) -> int:
+    """A top-level config value: the flag if given, else the --config file's value."""
+    value = getattr(args, key)
+    if value is not None:
+        return value
+    if args.config:
+        return load_config(args.config)[key]
+    raise ConfigError(f"--{key.replace('_', '-')} is required with --settings")
+
+
+def _shard_rows(cohort: Path, shard: int) -> pd.DataFrame:
+    frame = pd.read_parquet(cohort)
+    return frame[frame["shard"] == shard].reset_index(drop=True)
+
+
+def cmd_cohort(args: argparse.Namespace) -> None:
+    from idc_diffusion.cohort import run_cohort
+
+    run_cohort(
+        _settings(args, "cohort"),
+        seed=_top_level(args, "seed"),
+        n_shards=_top_level(args, "n_shards"),
+        out_dir=Path(args.out_dir),
+    )
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from idc_diffusion.download import download_shard
+
+    rows = _shard_rows(Path(args.cohort), args.shard)
+    download_shard(
+        rows, args.shard, Path(args.out_dir), Path(args.report), _settings(args, "download")
+    )
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from idc_diffusion.prepare import prepare_shard
+
+    rows = _shard_rows(Path(args.cohort), args.shard)
+    report = json.loads(Path(args.report).read_text())
+    prepare_shard(
+        rows,
+        report,
+        Path(args.dicom_dir),
+        Path(args.out_dir),
+        _settings(args, "prepare"),
+        args.shard,
+    )
+
+
+def cmd_dataset(args: argparse.Namespace) -> None:
+    from idc_diffusion.dataset import build_imagefolder
+
+    build_imagefolder(
+        [Path(p) for p in args.shards], Path(args.out_dir), [Path(p) for p in args.reports]
+    )
+
+
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--settings", help="the stage's config section as JSON (what rules pass)")
+    group.add_argument(
+        "--config", help="a whole workflow config YAML, validated against the schema"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="idc-diffusion", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="stage", required=True)
+
+    p = sub.add_parser("cohort", help="select series from the IDC index; split and shard them")
+    _add_settings(p)
+    p.add_argument("--seed", type=int, help="overrides the config's seed")
+    p.add_argument("--n-shards", type=int, help="overrides the config's n_shards")
+    p.add_argument("--out-dir", default="results/cohort")
+    p.set_defaults(func=cmd_cohort)
+
+    p = sub.add_parser("download", help="fetch (or synthesise) and verify one shard's DICOM series")
+    _add_settings(p)
+    p.add_argument("--cohort", default="results/cohort/cohort.parquet")
+    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--out-dir", required=True, help="results/dicom/shard-K")
+    p.add_argument("--report", required=True, help="results/dicom/shard-K.json")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("prepare", help="window, select slices and caption one shard")
+    _add_settings(p)
+    p.add_argument("--cohort", default="results/cohort/cohort.parquet")
+    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--dicom-dir", required=True, help="results/dicom/shard-K")
+    p.add_argument("--report", required=True, help="results/dicom/shard-K.json")
+    p.add_argument("--out-dir", required=True, help="results/dataset/shard-K")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("dataset", help="merge prepared shards into the imagefolder view")
+    p.add_argument("--shards", nargs="*", default=[], help="results/dataset/shard-K folders")
+    p.add_argument("--reports", nargs="*", default=[], help="results/dicom/shard-K.json files")
+    p.add_argument("--out-dir", default="results/dataset")
+    p.set_defaults(func=cmd_dataset)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        log.error("%s failed: %s", args.stage, exc)
+        print(f"idc-diffusion {args.stage}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,74 @@
+"""Deterministic, order-independent assignment of patients to splits and series to shards.
+
+Both use a SHA-256 of stable identifiers, so a patient keeps its split and a series keeps
+its shard when the cohort grows, shrinks or is reordered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+
+import pandas as pd
+
+SPLITS = ("train", "val", "test")
+
+
+def unit_hash(*parts: object) -> float:
+    """A uniform number in [0, 1) determined only by `parts`."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def shard_of(series_uid: str, n_shards: int) -> int:
+    """Shard of a series: a stable hash of its SeriesInstanceUID modulo `n_shards`."""
+    digest = hashlib.sha256(series_uid.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % n_shards
+
+
+def split_of(u: float, fractions: Mapping[str, float]) -> str:
+    """The split whose cumulative-fraction interval contains `u`."""
+    edge = 0.0
+    for name in SPLITS:
+        edge += fractions.get(name, 0.0)
+        if u < edge:
+            return name
+    return next(n for n in reversed(SPLITS) if fractions.get(n, 0.0) > 0)
+
+
+def patient_keys(frame: pd.DataFrame) -> pd.Series:
+    """Patient identity: PatientID is only unique within a collection."""
+    return frame["collection_id"].astype(str) + "/" + frame["PatientID"].astype(str)
+
+
+def assign_splits(patients: Iterable[str], fractions: Mapping[str, float], seed: int) -> dict:
+    """Map each patient key to a split.
+
+    Each patient's split depends only on (seed, patient), so it is stable as the cohort grows.
+    Small cohorts get one fix-up: a split with a non-zero fraction that came out empty takes
+    the patient of the largest split whose hash lies nearest to that split's interval, as long
+    as there are at least as many patients as wanted splits.
+    """
+    units = {p: unit_hash(seed, p) for p in sorted(set(patients))}
+    result = {p: split_of(u, fractions) for p, u in units.items()}
+    wanted = [s for s in SPLITS if fractions.get(s, 0.0) > 0]
+    if len(units) < len(wanted):
+        return result
+    for split in wanted:
+        if split in result.values():
+            continue
+        counts = pd.Series(result).value_counts()
+        donor = counts.index[0]
+        target = _interval_centre(split, fractions)
+        candidates = [p for p, s in result.items() if s == donor]
+        result[min(candidates, key=lambda p: (abs(units[p] - target), p))] = split
+    return result
+
+
+def _interval_centre(split: str, fractions: Mapping[str, float]) -> float:
+    start = 0.0
+    for name in SPLITS:
+        if name == split:
+            return start + fractions.get(name, 0.0) / 2
+        start += fractions.get(name, 0.0)
+    raise KeyError(split)

@@ -1,0 +1,109 @@
+"""Per-series verification of downloaded (or synthesized) DICOM files.
+
+A series is ``ok`` only when its folder holds exactly the expected number of files, every
+file parses as DICOM Part-10, carries the expected SeriesInstanceUID and has complete pixel
+data. Pixels are never decoded: the checks read headers and compare byte counts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("ok", "missing", "incomplete", "corrupt")
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+@dataclass(frozen=True)
+class SeriesCheck:
+    """Outcome of verifying one series folder."""
+
+    status: str
+    reason: str
+    files: int
+    bytes: int
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def series_files(folder: Path) -> list[Path]:
+    """The instance files of a series folder (regular, non-hidden files), sorted by name."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def expected_pixel_bytes(ds: Dataset) -> int | None:
+    """Length of native (uncompressed) PixelData implied by the image header, else None."""
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        samples = int(ds.get("SamplesPerPixel", 1))
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    n_bits = rows * cols * samples * frames * bits
+    return (n_bits + 7) // 8
+
+
+def pixel_problem(ds: Dataset) -> str | None:
+    """Why the pixel data of ``ds`` is incomplete, or None when it looks whole."""
+    keyword = next((k for k in PIXEL_KEYWORDS if k in ds), None)
+    if keyword is None:
+        return "no pixel data (truncated?)"
+    value = ds[keyword].value
+    if value is None or len(value) == 0:
+        return f"empty {keyword}"
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if keyword == "PixelData" and syntax is not None and syntax.is_encapsulated:
+        return None  # compressed: dcmread already failed or dropped a truncated element
+    expected = expected_pixel_bytes(ds)
+    if keyword == "PixelData" and expected is not None and len(value) < expected:
+        return f"PixelData has {len(value)} bytes, expected {expected} (truncated)"
+    return None
+
+
+def check_file(path: Path, series_uid: str) -> str | None:
+    """Problem with one instance file (prefixed by its name), or None when it is fine."""
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError as exc:
+        return f"{path.name}: not a DICOM file ({exc})"
+    except Exception as exc:  # pydicom raises many types on damaged files
+        return f"{path.name}: unreadable ({type(exc).__name__}: {exc})"
+    problem = pixel_problem(ds)
+    if problem:
+        return f"{path.name}: {problem}"
+    found = ds.get("SeriesInstanceUID")
+    if found != series_uid:
+        return f"{path.name}: SeriesInstanceUID {found} != expected {series_uid}"
+    return None
+
+
+def verify_series(folder: Path, series_uid: str, expected_instances: int) -> SeriesCheck:
+    """Check the files of one series in ``folder`` against the index's instance count."""
+    files = series_files(Path(folder))
+    size = sum(p.stat().st_size for p in files)
+    if not files:
+        return SeriesCheck("missing", f"no files (expected {expected_instances})", 0, 0)
+    problems = [p for p in (check_file(f, series_uid) for f in files) if p is not None]
+    if problems:
+        more = f" (+{len(problems) - 1} more bad files)" if len(problems) > 1 else ""
+        return SeriesCheck("corrupt", problems[0] + more, len(files), size)
+    if len(files) < expected_instances:
+        reason = f"{expected_instances - len(files)} of {expected_instances} files missing"
+        return SeriesCheck("incomplete", reason, len(files), size)
+    if len(files) > expected_instances:
+        reason = f"{len(files)} files, expected {expected_instances}"
+        return SeriesCheck("incomplete", reason, len(files), size)
+    return SeriesCheck("ok", "", len(files), size)

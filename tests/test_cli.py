@@ -1,0 +1,46 @@
+"""The stage CLI: by-hand use with --config, and clear errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+from conftest import REPO
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "idc_diffusion", *args], capture_output=True, text=True
+    )
+
+
+def test_cohort_by_hand_with_a_config_file(tmp_path: Path) -> None:
+    result = run_cli(
+        "cohort", "--config", str(REPO / "config" / "demo.yaml"), "--out-dir", str(tmp_path)
+    )
+    assert result.returncode == 0, result.stderr
+    cohort = pd.read_parquet(tmp_path / "cohort.parquet")
+    demo = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    assert set(cohort["shard"]) <= set(range(demo["n_shards"]))
+    assert json.loads((tmp_path / "summary.json").read_text())["n_shards"] == demo["n_shards"]
+
+
+def test_filter_matching_nothing_exits_2_naming_the_stratum(tmp_path: Path) -> None:
+    demo = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    demo["cohort"]["strata"][0]["collections"] = ["no_such_collection"]
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(demo))
+    result = run_cli("cohort", "--config", str(config), "--out-dir", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "cohort.strata[chest_ct] selects nothing" in result.stderr
+    assert not (tmp_path / "out" / "cohort.parquet").exists()
+
+
+def test_settings_without_seed_is_rejected(tmp_path: Path) -> None:
+    result = run_cli("cohort", "--settings", "{}", "--out-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "--seed is required with --settings" in result.stderr

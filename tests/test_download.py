@@ -1,0 +1,249 @@
+"""Download stage: verification rules, and s5cmd against moto's S3 server on loopback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from s3_server import moto_s3
+
+from idc_diffusion.download import download_shard
+from idc_diffusion.s5cmd import CopyJob, build_manifest, find_s5cmd
+from idc_diffusion.synthetic import write_synthetic_series
+from idc_diffusion.verify import verify_series
+
+BUCKET = "idc-open-data"
+MATRIX = 32
+
+
+def cohort_row(name: str, modality: str = "CT", count: int = 3, **extra) -> dict:
+    uid = f"1.2.826.0.1.3680043.8.498.77.{name}"
+    row = {
+        "collection_id": "demo",
+        "PatientID": f"P-{name}",
+        "StudyInstanceUID": uid + ".0",
+        "SeriesInstanceUID": uid,
+        "Modality": modality,
+        "BodyPartExamined": "CHEST",
+        "SeriesDescription": f"series {name}",
+        "PatientAge": "061Y",
+        "PatientSex": "M",
+        "StudyDate": "20010203",
+        "license_short_name": "CC BY 4.0",
+        "source_DOI": "10.7937/demo",
+        "aws_bucket": BUCKET,
+        "crdc_series_uuid": f"00000000-0000-4000-8000-{int(name):012d}",
+        "instanceCount": count,
+        "series_size_MB": 0.01,
+        "stratum": f"{modality}-CHEST",
+        "split": "train",
+        "shard": 0,
+    }
+    row.update(extra)
+    return row
+
+
+def settings(endpoint: str | None = None, source: str = "idc", retries: int = 1) -> dict:
+    return {
+        "source": source,
+        "endpoint_url": endpoint,
+        "s5cmd_workers": 4,
+        "retries": retries,
+        "synthetic": {"matrix": MATRIX, "seed": 0},
+    }
+
+
+def by_uid(report: dict) -> dict[str, dict]:
+    return {entry["SeriesInstanceUID"]: entry for entry in report["series"]}
+
+
+# ------------------------------------------------------------------ the bucket
+
+
+GOOD = [cohort_row("1", "CT", 4), cohort_row("2", "MR", 3), cohort_row("3", "CR", 1)]
+INCOMPLETE = cohort_row("4", "CT", 3)  # one object deleted from the bucket
+ABSENT = cohort_row("5", "CT", 2)  # nothing in the bucket
+TRUNCATED = cohort_row("6", "CT", 2)  # one object cut short
+
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory):
+    """moto S3 with GOOD, INCOMPLETE and TRUNCATED uploaded; yields (url, bytes per uid)."""
+    source = tmp_path_factory.mktemp("source")
+    sizes = {}
+    with moto_s3() as s3:
+        s3.client.create_bucket(Bucket=BUCKET)
+        for row in [*GOOD, INCOMPLETE, TRUNCATED]:
+            paths = write_synthetic_series(row, source / row["SeriesInstanceUID"], matrix=MATRIX)
+            keys = s3.upload_series(BUCKET, row["crdc_series_uuid"], paths)
+            sizes[row["SeriesInstanceUID"]] = sum(p.stat().st_size for p in paths)
+            first = sorted(keys)[0]
+            if row is INCOMPLETE:
+                s3.client.delete_object(Bucket=BUCKET, Key=first)
+            if row is TRUNCATED:
+                body = keys[first].read_bytes()[:-100]
+                s3.client.put_object(Bucket=BUCKET, Key=first, Body=body, ACL="public-read")
+        yield s3.url, sizes
+
+
+# ------------------------------------------------------------------ downloads
+
+
+def test_full_shard_ok(bucket, tmp_path):
+    url, sizes = bucket
+    report_path = tmp_path / "shard-0.json"
+    report = download_shard(pd.DataFrame(GOOD), 0, tmp_path / "shard-0", report_path, settings(url))
+    assert json.loads(report_path.read_text()) == report
+    assert report["source"] == report["pixel_source"] == "idc"
+    assert report["counts"] == {"ok": 3, "missing": 0, "incomplete": 0, "corrupt": 0}
+    for row in GOOD:
+        uid = row["SeriesInstanceUID"]
+        entry = by_uid(report)[uid]
+        assert entry["files"] == entry["expected_instances"] == row["instanceCount"]
+        assert entry["bytes"] == sizes[uid]
+        assert entry["crdc_series_uuid"] == row["crdc_series_uuid"]
+        folder = tmp_path / "shard-0" / uid
+        assert len(list(folder.glob("*.dcm"))) == row["instanceCount"]
+    assert report["bytes"] == sum(sizes[r["SeriesInstanceUID"]] for r in GOOD)
+    assert not (tmp_path / "shard-0" / ".partial").exists()
+
+
+def test_bad_series_are_reported_not_raised(bucket, tmp_path, caplog):
+    url, _ = bucket
+    rows = pd.DataFrame([*GOOD, INCOMPLETE, ABSENT, TRUNCATED])
+    shard_dir = tmp_path / "shard-0"
+    report = download_shard(rows, 0, shard_dir, tmp_path / "r.json", settings(url, retries=1))
+    status = {uid: e["status"] for uid, e in by_uid(report).items()}
+    assert [status[r["SeriesInstanceUID"]] for r in GOOD] == ["ok"] * 3
+    assert status[INCOMPLETE["SeriesInstanceUID"]] == "incomplete"
+    assert by_uid(report)[INCOMPLETE["SeriesInstanceUID"]]["reason"] == "1 of 3 files missing"
+    assert status[ABSENT["SeriesInstanceUID"]] == "missing"
+    assert status[TRUNCATED["SeriesInstanceUID"]] == "corrupt"
+    assert "truncated" in by_uid(report)[TRUNCATED["SeriesInstanceUID"]]["reason"]
+    assert "no object found" in caplog.text  # s5cmd's error for ABSENT reaches the log
+    assert report["counts"] == {"ok": 3, "missing": 1, "incomplete": 1, "corrupt": 1}
+    # nothing that failed looks complete; the retry asked only for the failures
+    for row in (INCOMPLETE, ABSENT, TRUNCATED):
+        assert not (shard_dir / row["SeriesInstanceUID"]).exists()
+    retry = (shard_dir / ".s5cmd" / "attempt-1.txt").read_text()
+    assert retry.count("\n") == 3 and GOOD[0]["crdc_series_uuid"] not in retry
+
+
+def test_rerun_fetches_only_unverified_series(bucket, tmp_path):
+    url, _ = bucket
+    rows = pd.DataFrame([*GOOD, INCOMPLETE])
+    shard_dir = tmp_path / "shard-0"
+    download_shard(rows, 0, shard_dir, tmp_path / "r.json", settings(url, retries=0))
+    kept = shard_dir / GOOD[0]["SeriesInstanceUID"]
+    mtimes = {p: p.stat().st_mtime_ns for p in kept.iterdir()}
+    damaged = shard_dir / GOOD[1]["SeriesInstanceUID"]
+    next(damaged.iterdir()).unlink()  # e.g. a user deleted a file: must be fetched again
+
+    report = download_shard(rows, 0, shard_dir, tmp_path / "r.json", settings(url, retries=0))
+    manifest = (shard_dir / ".s5cmd" / "attempt-0.txt").read_text().splitlines()
+    wanted = {GOOD[1]["crdc_series_uuid"], INCOMPLETE["crdc_series_uuid"]}
+    assert {line.split("/")[3] for line in manifest} == wanted
+    assert {p: p.stat().st_mtime_ns for p in kept.iterdir()} == mtimes
+    assert report["counts"]["ok"] == 3
+
+    download_shard(pd.DataFrame(GOOD), 0, shard_dir, tmp_path / "r.json", settings(url))
+    assert not (shard_dir / ".s5cmd").exists()  # nothing left to fetch: s5cmd not run
+
+
+# ------------------------------------------------------------------ synthetic source, setup
+
+
+def test_synthetic_source(tmp_path):
+    rows = pd.DataFrame([*GOOD, ABSENT])
+    shard_dir = tmp_path / "shard-2"
+    report = download_shard(rows, 2, shard_dir, tmp_path / "r.json", settings(source="synthetic"))
+    assert report["shard"] == 2 and report["pixel_source"] == "synthetic"
+    assert report["counts"]["ok"] == 4
+    again = download_shard(rows, 2, shard_dir, tmp_path / "r.json", settings(source="synthetic"))
+    assert again == report
+
+
+def test_empty_shard_writes_empty_report(tmp_path):
+    report = download_shard(pd.DataFrame(), 1, tmp_path / "s", tmp_path / "r.json", settings())
+    assert report == json.loads((tmp_path / "r.json").read_text())
+    assert report["series"] == [] and report["bytes"] == 0
+    assert set(report["counts"].values()) == {0}
+
+
+def test_setup_errors_raise(tmp_path, monkeypatch):
+    rows = pd.DataFrame(GOOD[:1])
+    with pytest.raises(ValueError, match=r"download\.source"):
+        download_shard(rows, 0, tmp_path / "s", tmp_path / "r.json", settings(source="tcia"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    with pytest.raises(FileNotFoundError, match="s5cmd"):
+        download_shard(rows, 0, tmp_path / "s", tmp_path / "r.json", settings())
+
+
+def test_s5cmd_binary_and_manifest(tmp_path):
+    assert find_s5cmd().is_file()
+    text = build_manifest([CopyJob("idc-open-data", "abc", tmp_path / "it's")])
+    assert text == f"cp 's3://idc-open-data/abc/*' '{tmp_path}/it'\\''s/'\n"
+
+
+# ------------------------------------------------------------------ verify_series
+
+
+@pytest.fixture
+def series(tmp_path) -> tuple[Path, dict]:
+    row = cohort_row("9", "CT", 4)
+    folder = tmp_path / row["SeriesInstanceUID"]
+    write_synthetic_series(row, folder, matrix=MATRIX)
+    return folder, row
+
+
+def check(folder: Path, row: dict):
+    return verify_series(folder, row["SeriesInstanceUID"], row["instanceCount"])
+
+
+def test_verify_ok(series):
+    folder, row = series
+    result = check(folder, row)
+    assert (result.status, result.files) == ("ok", 4)
+    assert result.bytes == sum(p.stat().st_size for p in folder.iterdir())
+
+
+def test_verify_missing_and_incomplete(series, tmp_path):
+    folder, row = series
+    assert check(tmp_path / "nowhere", row).status == "missing"
+    sorted(folder.iterdir())[0].unlink()
+    result = check(folder, row)
+    assert (result.status, result.reason) == ("incomplete", "1 of 4 files missing")
+    shutil.copy(sorted(folder.iterdir())[0], folder / "extra.dcm")
+    shutil.copy(sorted(folder.iterdir())[0], folder / "extra2.dcm")
+    assert check(folder, row).status == "incomplete"
+
+
+def test_verify_not_dicom(series):
+    folder, row = series
+    (folder / "IM_0003.dcm").write_text("<html>Access Denied</html>")
+    result = check(folder, row)
+    assert result.status == "corrupt"
+    assert result.reason.startswith("IM_0003.dcm: not a DICOM file (")
+
+
+@pytest.mark.parametrize("keep", [-100, 600])  # inside the pixel data; inside the header
+def test_verify_truncated(series, keep):
+    folder, row = series
+    victim = sorted(folder.iterdir())[1]
+    victim.write_bytes(victim.read_bytes()[:keep])
+    result = check(folder, row)
+    assert result.status == "corrupt"
+    assert result.reason.startswith(victim.name + ":") and "truncated" in result.reason
+
+
+def test_verify_wrong_series(series):
+    folder, row = series
+    result = verify_series(folder, "1.2.4", row["instanceCount"])
+    assert result.status == "corrupt"
+    assert f"SeriesInstanceUID {row['SeriesInstanceUID']} != expected 1.2.4" in result.reason
+    assert "(+3 more bad files)" in result.reason
