@@ -1,0 +1,35 @@
+# IDC-Diffusion — `make demo` (offline CPU demo of the whole workflow) and `make test`.
+# Both create or reuse the virtualenv in .venv and install everything they need.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed
+SNAKEMAKE := $(BIN)/snakemake
+# Rules run `python -m idc_diffusion ...`: make sure that python is the venv's.
+export PATH := $(BIN):$(PATH)
+
+.PHONY: demo test lint venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(STAMP)
+	$(SNAKEMAKE) --profile profiles/local --configfile config/demo.yaml
+	@echo "demo outputs: results/cohort, results/dicom, results/dataset (SYNTHETIC pixel data)"
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(SNAKEMAKE) --lint --configfile config/demo.yaml
+
+test: lint
+	$(BIN)/pytest
+
+clean:
+	rm -rf results logs benchmarks .snakemake

@@ -1,0 +1,36 @@
+# Shared helpers: config validation at start-up, shard list, the stage command line.
+import json
+import shlex
+import sys
+from pathlib import Path
+
+SRC = Path(workflow.basedir) / "src"
+sys.path.insert(0, str(SRC))
+
+from idc_diffusion.config import ConfigError, validate_config  # noqa: E402
+
+try:
+    validate_config(config)
+except ConfigError as exc:
+    raise WorkflowError(f"config rejected before any job ran: {exc}") from None
+
+SHARDS = list(range(config["n_shards"]))
+
+# Every rule runs one subcommand of the package's CLI (`python -m idc_diffusion STAGE`); the
+# code reaches jobs through the workflow's source folder, in the main env and in per-rule
+# conda envs alike (the prefix is part of every job script, local or on a cluster).
+shell.prefix(f"set -euo pipefail; export PYTHONPATH={shlex.quote(str(SRC))}; ")
+
+
+wildcard_constraints:
+    shard=r"\d+",
+
+
+def section(name):
+    """A params function giving a config section as one shell-quoted JSON argument.
+
+    Key order does not matter (sorted), so reformatting a config reruns nothing; a function,
+    because caption templates contain braces that Snakemake would read as wildcards.
+    """
+    text = shlex.quote(json.dumps(config[name], sort_keys=True))
+    return lambda wildcards: text

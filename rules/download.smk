@@ -1,0 +1,24 @@
+# The shard report is the rule's output; the series folders beside it are not declared,
+# so Snakemake never deletes them and an interrupted shard resumes where it stopped.
+
+
+rule download:
+    input:
+        cohort=rules.cohort.output.cohort,
+    output:
+        report="results/dicom/shard-{shard}.json",
+    params:
+        settings=section("download"),
+        dicom_dir=lambda wildcards: f"results/dicom/shard-{wildcards.shard}",
+    log:
+        "logs/download/shard-{shard}.log",
+    benchmark:
+        "benchmarks/download/shard-{shard}.tsv"
+    conda:
+        "../envs/download.yaml"
+    resources:
+        downloads=1,
+    shell:
+        "python -m idc_diffusion download --settings {params.settings} --cohort {input.cohort}"
+        " --shard {wildcards.shard} --out-dir {params.dicom_dir} --report {output.report}"
+        " > {log} 2>&1"

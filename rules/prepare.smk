@@ -1,0 +1,43 @@
+rule prepare:
+    input:
+        cohort=rules.cohort.output.cohort,
+        report=rules.download.output.report,
+    output:
+        images=directory("results/dataset/shard-{shard}/images"),
+        records="results/dataset/shard-{shard}/records.parquet",
+        rejected="results/dataset/shard-{shard}/rejected.parquet",
+    params:
+        settings=section("prepare"),
+        dicom_dir=lambda wildcards: f"results/dicom/shard-{wildcards.shard}",
+    log:
+        "logs/prepare/shard-{shard}.log",
+    benchmark:
+        "benchmarks/prepare/shard-{shard}.tsv"
+    conda:
+        "../envs/prepare.yaml"
+    shell:
+        "python -m idc_diffusion prepare --settings {params.settings} --cohort {input.cohort}"
+        " --shard {wildcards.shard} --dicom-dir {params.dicom_dir} --report {input.report}"
+        " --out-dir $(dirname {output.records}) > {log} 2>&1"
+
+
+rule dataset:
+    input:
+        records=expand(rules.prepare.output.records, shard=SHARDS),
+        reports=expand(rules.download.output.report, shard=SHARDS),
+    output:
+        train=directory("results/dataset/train"),
+        val=directory("results/dataset/val"),
+        test=directory("results/dataset/test"),
+        rejected=report("results/dataset/rejected.parquet", category="Data"),
+    params:
+        shards=lambda wildcards, input: [str(Path(p).parent) for p in input.records],
+    log:
+        "logs/dataset/dataset.log",
+    benchmark:
+        "benchmarks/dataset/dataset.tsv"
+    conda:
+        "../envs/prepare.yaml"
+    shell:
+        "python -m idc_diffusion dataset --shards {params.shards} --reports {input.reports}"
+        " --out-dir $(dirname {output.rejected}) > {log} 2>&1"

@@ -1,0 +1,176 @@
+"""The Snakemake workflow end to end on the demo config: DAG, lint, outputs, precise reruns."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import BIN, REPO
+
+pytestmark = pytest.mark.workflow
+
+STAGE_RULES = ["cohort", "download", "prepare", "dataset"]
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run snakemake on the repo's Snakefile in `workdir` with the venv first on PATH."""
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(workdir)}
+    cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(workdir)]
+    result = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {args} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def planned_jobs(workdir: Path, configfile: Path) -> dict[str, int]:
+    """Rule -> job count of a dry run (empty when nothing is to be done)."""
+    out = snakemake(workdir, "-n", "--configfile", str(configfile)).stdout
+    if "Nothing to be done" in out:
+        return {}
+    table = out.split("Job stats:")[1].split("total")[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def demo_raw() -> dict:
+    """The demo config as written (no defaults filled), fresh for each test."""
+    return yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+
+
+def test_dry_run_lists_every_stage_with_one_job_per_shard(tmp_path: Path, demo_raw: dict) -> None:
+    demo_raw["n_shards"] = 3
+    jobs = planned_jobs(tmp_path, write_config(tmp_path / "c.yaml", demo_raw))
+    assert jobs == {"cohort": 1, "download": 3, "prepare": 3, "dataset": 1, "all": 1}
+
+
+def test_lint_is_clean(tmp_path: Path) -> None:
+    result = snakemake(tmp_path, "--lint", "--configfile", str(REPO / "config" / "demo.yaml"))
+    assert "Congratulations" in result.stdout + result.stderr
+
+
+def test_unknown_config_key_fails_before_any_job(tmp_path: Path, demo_raw: dict) -> None:
+    demo_raw["prepare"]["windw_presets"] = {}
+    result = snakemake(
+        tmp_path,
+        "--configfile",
+        str(write_config(tmp_path / "c.yaml", demo_raw)),
+        "-c1",
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "'windw_presets' was unexpected" in result.stdout + result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo workflow run once, as `make demo` runs it."""
+    workdir = tmp_path_factory.mktemp("demo")
+    snakemake(
+        workdir,
+        "--profile",
+        str(REPO / "profiles" / "local"),
+        "--configfile",
+        str(REPO / "config" / "demo.yaml"),
+        "-c2",
+    )
+    return workdir
+
+
+def test_demo_writes_every_stage_contract_output(demo_run: Path) -> None:
+    results = demo_run / "results"
+    cohort = pd.read_parquet(results / "cohort" / "cohort.parquet")
+    assert (results / "cohort" / "CITATIONS.md").is_file()
+    assert json.loads((results / "cohort" / "summary.json").read_text())["total"]["series"] == len(
+        cohort
+    )
+    n_shards = int(cohort["shard"].max()) + 1
+    records = []
+    for k in range(n_shards):
+        report = json.loads((results / "dicom" / f"shard-{k}.json").read_text())
+        assert report["pixel_source"] == "synthetic"
+        shard_uids = set(cohort.loc[cohort["shard"] == k, "SeriesInstanceUID"])
+        assert {s["SeriesInstanceUID"] for s in report["series"]} == shard_uids
+        for series in report["series"]:
+            assert series["status"] == "ok", series
+            assert (
+                len(
+                    list((results / "dicom" / f"shard-{k}" / series["SeriesInstanceUID"]).iterdir())
+                )
+                == series["files"]
+            )
+        shard_records = pd.read_parquet(results / "dataset" / f"shard-{k}" / "records.parquet")
+        assert all(
+            (results / "dataset" / f"shard-{k}" / f).is_file() for f in shard_records["file_name"]
+        )
+        records.append(shard_records)
+    records = pd.concat(records)
+    assert len(records) > 0
+    assert (records["pixel_source"] == "synthetic").all()
+    for split in ("train", "val", "test"):
+        lines = (results / "dataset" / split / "metadata.jsonl").read_text().splitlines()
+        rows = [json.loads(line) for line in lines]
+        assert len(rows) == (records["split"] == split).sum()
+        assert all((results / "dataset" / split / r["file_name"]).is_file() for r in rows)
+    assert (results / "dataset" / "rejected.parquet").is_file()
+    for pid in cohort["PatientID"]:
+        assert not records["text"].str.contains(pid, regex=False).any()
+
+
+def test_second_run_does_nothing(demo_run: Path) -> None:
+    assert planned_jobs(demo_run, REPO / "config" / "demo.yaml") == {}
+
+
+def test_reordered_and_reformatted_config_reruns_nothing(demo_run: Path, demo_raw: dict) -> None:
+    reordered = dict(reversed(list(demo_raw.items())))
+    reordered["prepare"] = dict(reversed(list(demo_raw["prepare"].items())))
+    path = demo_run / "reordered.yaml"
+    path.write_text(
+        "# reformatted\n" + yaml.safe_dump(reordered, sort_keys=True, default_flow_style=True)
+    )
+    assert planned_jobs(demo_run, path) == {}
+
+
+def test_windowing_change_reruns_prepare_but_not_cohort_or_download(
+    demo_run: Path, demo_raw: dict
+) -> None:
+    changed = json.loads(json.dumps(demo_raw))
+    changed["prepare"]["window_presets"] = {
+        "lung": {"center": -550, "width": 1500},
+        "mediastinum": {"center": 50, "width": 350},
+        "bone": {"center": 400, "width": 1800},
+        "brain": {"center": 40, "width": 80},
+        "abdomen": {"center": 50, "width": 400},
+    }
+    jobs = planned_jobs(demo_run, write_config(demo_run / "window.yaml", changed))
+    assert jobs.get("prepare") == int(demo_raw["n_shards"])
+    assert jobs.get("dataset") == 1
+    assert "cohort" not in jobs and "download" not in jobs
+
+
+def test_imagefolder_view_loads_with_datasets(
+    demo_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(demo_run / "hf-home"))
+    from datasets import load_dataset
+
+    for split in ("train", "val", "test"):
+        folder = demo_run / "results" / "dataset" / split
+        rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+        if not rows:
+            continue
+        loaded = load_dataset("imagefolder", data_dir=str(folder), split="train")
+        assert sorted(loaded["text"]) == sorted(r["text"] for r in rows)
+        assert loaded[0]["image"].size == (64, 64)
