@@ -6,24 +6,23 @@ its shard when the cohort grows, shrinks or is reordered.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Mapping
 
 import pandas as pd
+
+from idc_diffusion.hashing import key_digest
 
 SPLITS = ("train", "val", "test")
 
 
 def unit_hash(*parts: object) -> float:
     """A uniform number in [0, 1) determined only by `parts`."""
-    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+    return int.from_bytes(key_digest(*parts)[:8], "big") / 2**64
 
 
 def shard_of(series_uid: str, n_shards: int) -> int:
     """Shard of a series: a stable hash of its SeriesInstanceUID modulo `n_shards`."""
-    digest = hashlib.sha256(series_uid.encode()).digest()
-    return int.from_bytes(digest[:8], "big") % n_shards
+    return int.from_bytes(key_digest(series_uid)[:8], "big") % n_shards
 
 
 def split_of(u: float, fractions: Mapping[str, float]) -> str:
