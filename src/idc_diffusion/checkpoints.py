@@ -1,0 +1,104 @@
+"""Training checkpoints: save (accelerate state + a small JSON), find, prune, fingerprint.
+
+``out_dir/checkpoints/checkpoint-<step>/`` holds ``accelerator.save_state`` output and
+``checkpoint.json`` (step, settings fingerprint, seconds so far). A checkpoint is complete
+only once its JSON exists: it is written last, after the folder is renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+INFO = "checkpoint.json"
+PREFIX = "checkpoint-"
+# Settings that never change the training trajectory.
+UNFINGERPRINTED = frozenset(
+    {"resume", "dataloader_workers", "checkpoints_total_limit", "checkpointing_steps"}
+)
+# Schedules whose learning rate at step k does not depend on max_steps.
+STEP_FREE_SCHEDULES = frozenset({"constant", "constant_with_warmup"})
+
+
+def fingerprint(settings: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> str:
+    """Hash of everything that determines training up to a step.
+
+    ``max_steps`` only counts when the LR schedule depends on it (linear, cosine), so a
+    constant-schedule run can be extended by raising max_steps and resuming.
+    """
+    relevant = {k: v for k, v in settings.items() if k not in UNFINGERPRINTED}
+    if relevant.get("lr_scheduler") in STEP_FREE_SCHEDULES:
+        relevant.pop("max_steps", None)
+    relevant.update(extra or {})
+    text = json.dumps(relevant, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    return root / f"{PREFIX}{step}"
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path, dict[str, Any]]]:
+    """Complete checkpoints under `root` as (step, folder, info), oldest first."""
+    found = []
+    for folder in root.glob(f"{PREFIX}*") if root.is_dir() else []:
+        try:
+            info = json.loads((folder / INFO).read_text(encoding="utf-8"))
+            found.append((int(info["step"]), folder, info))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return sorted(found, key=lambda item: item[0])
+
+
+def latest_compatible(
+    root: Path, print_: str, max_step: int | None = None, cleanup: bool = True
+) -> tuple[int, Path, dict[str, Any]] | None:
+    """The newest checkpoint with fingerprint `print_` (and step <= `max_step`).
+
+    With `cleanup`, checkpoints with another fingerprint and incomplete ones are deleted.
+    """
+    complete = list_checkpoints(root)
+    matching = [item for item in complete if item[2].get("fingerprint") == print_]
+    if cleanup:
+        keep = {folder for _, folder, _ in matching}
+        for folder in root.glob(f"{PREFIX}*") if root.is_dir() else []:
+            if folder not in keep:
+                log.info("deleting checkpoint %s: other settings or data, or incomplete", folder)
+                shutil.rmtree(folder, ignore_errors=True)
+    usable = [item for item in matching if max_step is None or item[0] <= max_step]
+    return usable[-1] if usable else None
+
+
+def delete_all(root: Path) -> None:
+    """Remove every checkpoint under `root`."""
+    for folder in root.glob(f"{PREFIX}*") if root.is_dir() else []:
+        log.info("deleting checkpoint %s", folder.name)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def save_checkpoint(accelerator, root: Path, step: int, info: Mapping[str, Any]) -> Path:
+    """accelerator.save_state into checkpoint-<step>/, then its JSON (marks it complete)."""
+    final = checkpoint_dir(root, step)
+    partial = root / f".partial-{step}"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(final, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    accelerator.save_state(str(partial))
+    partial.rename(final)
+    (final / INFO).write_text(json.dumps({"step": step, **info}, indent=1), encoding="utf-8")
+    return final
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints."""
+    complete = list_checkpoints(root)
+    for _, folder, _ in complete[: max(0, len(complete) - keep)]:
+        log.info("removing old checkpoint %s", folder.name)
+        shutil.rmtree(folder, ignore_errors=True)
