@@ -1,0 +1,85 @@
+"""The HTML report: sections, banners, embedded images, escaping, no external assets."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from eval_fixtures import CITATIONS, COHORT_SUMMARY
+
+from idc_diffusion.report import (
+    SECTION_IDS,
+    image_rows_png,
+    linkify,
+    loss_curve_png,
+    package_versions,
+    render_report,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _context(pixel_source: list[str], is_random: bool) -> dict:
+    image = np.zeros((16, 16), np.uint8)
+    return {
+        "run_name": "test-run",
+        "date": "2026-01-01",
+        "idc_version": "v25",
+        "pixel_source": pixel_source,
+        "feature_extractor": {"name": "fx", "weights_sha256": "ab" * 32, "is_random": is_random},
+        "cohort": COHORT_SUMMARY,
+        "citations": CITATIONS,
+        "data": {"train_images": 3, "unique_captions": 2, "top_captions": [("a caption", 2)]},
+        "training": {
+            "summary": {"heldout_loss_base": 0.2, "heldout_loss_final": 0.15},
+            "loss_figure": loss_curve_png([{"step": i, "loss": 1 / i} for i in range(1, 30)]),
+        },
+        "samples": [{"prompt": "CT <chest>", "figure": image_rows_png([("gen", [image])])}],
+        "metrics": {"fid_kid": {"fid": 12.5, "kid_mean": 0.01, "kid_std": 0.001}},
+        "memorization": {"summary": {"fraction_flagged": 0.0}, "pairs": []},
+        "provenance": {"config": {"evaluate": {"top_pairs": 8}}, "packages": package_versions()},
+    }
+
+
+def test_every_section_and_self_contained() -> None:
+    html = render_report(_context(["idc"], is_random=False))
+    for section_id in SECTION_IDS:
+        assert f'id="{section_id}"' in html
+    sources = re.findall(r'src="([^"]*)"', html)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert not re.search(r"<(link|script)\b", html, re.IGNORECASE)
+    assert "url(http" not in html
+    assert "SYNTHETIC" not in html and "not comparable" not in html
+    assert "relative improvement" in html and "25.0%" in html
+    assert "12.5" in html and "abababababababab" in html
+
+
+def test_banners_for_synthetic_and_random_extractor() -> None:
+    html = render_report(_context(["synthetic"], is_random=True))
+    assert "SYNTHETIC PIXEL DATA" in html
+    assert "numbers are not comparable to published FID" in html
+    assert html.count('class="banner"') == 2
+
+
+def test_citations_escaped_and_linked() -> None:
+    html = render_report(_context(["idc"], is_random=False))
+    assert "<script>alert" not in html and "&lt;script&gt;" in html
+    assert '<a href="https://doi.org/10.7937/TCIA.HMQ8-J677">' in html
+    assert '<a href="https://doi.org/10.1148/rg.230180">' in html
+    assert "CT &lt;chest&gt;" in html
+    assert linkify("a\nb").count("<br>") == 1
+
+
+def test_missing_parts_render_notes() -> None:
+    html = render_report({"pixel_source": ["idc"]})
+    for section_id in SECTION_IDS:
+        assert f'id="{section_id}"' in html
+    assert "No cohort summary.json found" in html
+    assert "No held-out losses" in html
+
+
+def test_figures_are_png() -> None:
+    assert loss_curve_png([{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}])[:8] == PNG_MAGIC
+    assert loss_curve_png([]) is None
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    assert image_rows_png([("a", [rgb, rgb]), ("b", [rgb])])[:8] == PNG_MAGIC
