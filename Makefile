@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(SNAKEMAKE) --profile profiles/local --configfile config/demo.yaml
-	@echo "demo outputs: results/cohort, results/dicom, results/dataset (SYNTHETIC pixel data)"
+	@echo "demo done: open results/eval/report.html (SYNTHETIC pixel data, tiny random-init model)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

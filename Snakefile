@@ -1,4 +1,4 @@
-# IDC-Diffusion: IDC cohort -> DICOM -> windowed, captioned images (-> model, samples, report).
+# IDC-Diffusion: IDC cohort -> DICOM -> windowed, captioned images -> model -> samples -> report.
 # Run: snakemake --profile profiles/local --configfile config/demo.yaml   (see README.md)
 from snakemake.utils import min_version
 
@@ -16,10 +16,16 @@ include: "rules/common.smk"
 include: "rules/cohort.smk"
 include: "rules/download.smk"
 include: "rules/prepare.smk"
+include: "rules/train.smk"
+include: "rules/sample.smk"
+include: "rules/evaluate.smk"
 
 
 rule all:
     input:
         rules.cohort.output,
         rules.dataset.output,
+        rules.train.output,
+        rules.sample_manifest.output,
+        rules.evaluate.output,
     default_target: True

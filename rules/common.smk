@@ -24,6 +24,7 @@ shell.prefix(f"set -euo pipefail; export PYTHONPATH={shlex.quote(str(SRC))}; ")
 
 wildcard_constraints:
     shard=r"\d+",
+    sample_shard=r"\d+",
 
 
 def section(name):
@@ -33,4 +34,10 @@ def section(name):
     because caption templates contain braces that Snakemake would read as wildcards.
     """
     text = shlex.quote(json.dumps(config[name], sort_keys=True))
+    return lambda wildcards: text
+
+
+def whole_config():
+    """A params function giving the whole validated config as shell-quoted sorted JSON."""
+    text = shlex.quote(json.dumps(config, sort_keys=True))
     return lambda wildcards: text

@@ -14,8 +14,6 @@ from conftest import BIN, REPO
 
 pytestmark = pytest.mark.workflow
 
-STAGE_RULES = ["cohort", "download", "prepare", "dataset"]
-
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run snakemake on the repo's Snakefile in `workdir` with the venv first on PATH."""
@@ -49,8 +47,19 @@ def demo_raw() -> dict:
 
 def test_dry_run_lists_every_stage_with_one_job_per_shard(tmp_path: Path, demo_raw: dict) -> None:
     demo_raw["n_shards"] = 3
+    demo_raw["sample"]["n_shards"] = 2
     jobs = planned_jobs(tmp_path, write_config(tmp_path / "c.yaml", demo_raw))
-    assert jobs == {"cohort": 1, "download": 3, "prepare": 3, "dataset": 1, "all": 1}
+    assert jobs == {
+        "cohort": 1,
+        "download": 3,
+        "prepare": 3,
+        "dataset": 1,
+        "train": 1,
+        "sample": 2,
+        "sample_manifest": 1,
+        "evaluate": 1,
+        "all": 1,
+    }
 
 
 def test_lint_is_clean(tmp_path: Path) -> None:
@@ -174,3 +183,36 @@ def test_imagefolder_view_loads_with_datasets(
         loaded = load_dataset("imagefolder", data_dir=str(folder), split="train")
         assert sorted(loaded["text"]) == sorted(r["text"] for r in rows)
         assert loaded[0]["image"].size == (64, 64)
+
+
+def test_sampling_change_reruns_only_sample_and_evaluate(demo_run: Path, demo_raw: dict) -> None:
+    demo_raw["sample"]["guidance_scale"] = 2.5
+    jobs = planned_jobs(demo_run, write_config(demo_run / "guidance.yaml", demo_raw))
+    assert set(jobs) == {"sample", "sample_manifest", "evaluate", "all"}
+
+
+def test_training_change_reruns_train_onward(demo_run: Path, demo_raw: dict) -> None:
+    demo_raw["train"]["learning_rate"] = 1.0e-4
+    jobs = planned_jobs(demo_run, write_config(demo_run / "lr.yaml", demo_raw))
+    assert set(jobs) == {"train", "sample", "sample_manifest", "evaluate", "all"}
+
+
+def test_demo_trains_samples_and_reports(demo_run: Path) -> None:
+    results = demo_run / "results"
+    summary = json.loads((results / "model" / "train_summary.json").read_text())
+    log_lines = (results / "model" / "train_log.jsonl").read_text().splitlines()
+    assert len([json.loads(line) for line in log_lines]) == summary["steps"] > 0
+    assert summary["heldout_loss_final"] < 0.8 * summary["heldout_loss_base"]
+    manifest = pd.read_parquet(results / "samples" / "manifest.parquet")
+    assert len(manifest) > 0
+    assert all((results / "samples" / f).is_file() for f in manifest["file_name"])
+    test_captions = {
+        json.loads(line)["text"]
+        for line in (results / "dataset" / "test" / "metadata.jsonl").read_text().splitlines()
+    }
+    assert set(manifest["prompt"]) <= test_captions
+    metrics = json.loads((results / "eval" / "metrics.json").read_text())
+    assert metrics["feature_extractor"]["is_random"] is True
+    html = (results / "eval" / "report.html").read_text()
+    assert f"{summary['heldout_loss_base']:.4g}" in html
+    assert f"{summary['heldout_loss_final']:.4g}" in html

@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -28,7 +29,7 @@ def _settings(args: argparse.Namespace, section: str) -> dict:
     return json.loads(args.settings)
 
 
-def _top_level(args: argparse.Namespace, key: str) -> int:
+def _top_level(args: argparse.Namespace, key: str) -> Any:
     """A top-level config value: the flag if given, else the --config file's value."""
     value = getattr(args, key)
     if value is not None:
@@ -86,6 +87,48 @@ def cmd_dataset(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from idc_diffusion.training import train
+
+    cohort_dir = Path(args.cohort_dir)
+    provenance = {
+        "run_name": _top_level(args, "run_name"),
+        "cohort_summary": json.loads((cohort_dir / "summary.json").read_text()),
+        "citations_path": str(cohort_dir / "CITATIONS.md"),
+    }
+    train(_settings(args, "train"), Path(args.dataset_dir), Path(args.out_dir), provenance)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from idc_diffusion.sampling import sample_shard
+
+    settings = _settings(args, "sample")
+    sample_shard(
+        settings, Path(args.model_dir), Path(args.dataset_dir), Path(args.out_dir), args.shard
+    )
+
+
+def cmd_sample_manifest(args: argparse.Namespace) -> None:
+    from idc_diffusion.sampling import merge_manifests
+
+    merge_manifests([Path(p) for p in args.shards], Path(args.out))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from idc_diffusion.evaluation import evaluate
+
+    run_config = load_config(args.config) if args.config else json.loads(args.run_config)
+    evaluate(
+        _settings(args, "evaluate"),
+        samples_dir=Path(args.samples_dir),
+        dataset_dir=Path(args.dataset_dir),
+        model_dir=Path(args.model_dir),
+        cohort_dir=Path(args.cohort_dir),
+        out_dir=Path(args.out_dir),
+        config=run_config,
+    )
+
+
 def _add_settings(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--settings", help="the stage's config section as JSON (what rules pass)")
@@ -128,6 +171,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reports", nargs="*", default=[], help="results/dicom/shard-K.json files")
     p.add_argument("--out-dir", default="results/dataset")
     p.set_defaults(func=cmd_dataset)
+
+    p = sub.add_parser("train", help="fine-tune the UNet of a Stable Diffusion 2.x pipeline")
+    _add_settings(p)
+    p.add_argument("--run-name", help="overrides the config's run_name")
+    p.add_argument("--dataset-dir", default="results/dataset")
+    p.add_argument("--cohort-dir", default="results/cohort")
+    p.add_argument("--out-dir", default="results/model")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate one sample shard's images")
+    _add_settings(p)
+    p.add_argument("--shard", type=int, default=0)
+    p.add_argument("--model-dir", default="results/model")
+    p.add_argument("--dataset-dir", default="results/dataset")
+    p.add_argument("--out-dir", required=True, help="results/samples/shard-K")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("sample-manifest", help="merge sample shards into manifest.parquet")
+    p.add_argument("--shards", nargs="+", required=True, help="results/samples/shard-K folders")
+    p.add_argument("--out", default="results/samples/manifest.parquet")
+    p.set_defaults(func=cmd_sample_manifest)
+
+    p = sub.add_parser("evaluate", help="metrics.json and report.html")
+    _add_settings(p)
+    p.add_argument("--run-config", default="{}", help="the whole config as JSON (provenance)")
+    p.add_argument("--samples-dir", default="results/samples")
+    p.add_argument("--dataset-dir", default="results/dataset")
+    p.add_argument("--model-dir", default="results/model")
+    p.add_argument("--cohort-dir", default="results/cohort")
+    p.add_argument("--out-dir", default="results/eval")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -1,0 +1,31 @@
+rule evaluate:
+    input:
+        manifest=rules.sample_manifest.output,
+        train=rules.dataset.output.train,
+        test=rules.dataset.output.test,
+        rejected=rules.dataset.output.rejected,
+        model_summary=rules.train.output.summary,
+        train_log=rules.train.output.log,
+        cohort_summary=rules.cohort.output.summary,
+        citations=rules.cohort.output.citations,
+    output:
+        metrics="results/eval/metrics.json",
+        report=report("results/eval/report.html", category="Evaluation"),
+        figures=directory("results/eval/figures"),
+    params:
+        settings=section("evaluate"),
+        # evaluate is downstream of every stage, so recording the whole config here
+        # reruns nothing that a section change would not rerun anyway
+        config=whole_config(),
+    log:
+        "logs/evaluate/evaluate.log",
+    benchmark:
+        "benchmarks/evaluate/evaluate.tsv"
+    conda:
+        "../envs/evaluate.yaml"
+    shell:
+        "python -m idc_diffusion evaluate --settings {params.settings}"
+        " --run-config {params.config} --samples-dir $(dirname {input.manifest})"
+        " --dataset-dir $(dirname {input.train}) --model-dir $(dirname {input.model_summary})"
+        " --cohort-dir $(dirname {input.cohort_summary})"
+        " --out-dir $(dirname {output.metrics}) > {log} 2>&1"
