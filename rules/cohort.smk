@@ -6,6 +6,8 @@ rule cohort:
         cohort="results/cohort/cohort.parquet",
         citations=report("results/cohort/CITATIONS.md", category="Cohort"),
         summary="results/cohort/summary.json",
+        # bytes and files per shard; the rule fails here if over cohort.disk_budget_GB
+        plan="results/cohort/download_plan.json",
     params:
         settings=section("cohort"),
         seed=config["seed"],

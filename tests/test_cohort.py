@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 
 from idc_diffusion.cohort import EmptyCohortError, build_cohort, run_cohort, select_strata
+from idc_diffusion.cohort_spec import CohortSpecError
+from idc_diffusion.download_plan import DiskBudgetError
 from idc_diffusion.idc_index import bundled_index
 from idc_diffusion.splits import patient_keys, shard_of
 
@@ -130,11 +132,138 @@ def test_license_filter_reports_what_it_removed(demo_config: dict) -> None:
     assert result.matched > len(result.selected) == settings["strata"][0]["max_series"]
 
 
-def test_filter_matching_nothing_names_the_stratum(demo_config: dict) -> None:
+def test_filter_matching_nothing_names_the_stratum_and_the_filter(demo_config: dict) -> None:
     settings = demo_config["cohort"]
-    settings["strata"][1]["body_parts"] = ["NO_SUCH_PART"]
-    with pytest.raises(EmptyCohortError, match=r"cohort\.strata\[brain_mr\].*no series matched"):
+    settings["strata"][1].update(min_instances=100_000, max_instances=None)
+    with pytest.raises(EmptyCohortError) as info:
         select_strata(INDEX, settings, seed=1)
+    message = str(info.value)
+    assert message.startswith("cohort.strata[brain_mr] selects nothing: no series matched")
+    assert "filter 'instance_count' left 0 of 777 series" in message
+    assert "body_parts=777, instance_count=0" in message
+
+
+def test_unknown_values_list_the_closest_valid_ones(demo_config: dict) -> None:
+    settings = demo_config["cohort"]
+    settings["strata"][0]["body_parts"] = ["CHST", "LUNG"]
+    settings["strata"][2]["collections"] = ["nsclc_radiomic"]
+    with pytest.raises(CohortSpecError) as info:
+        select_strata(INDEX, settings, seed=1)
+    message = str(info.value)
+    assert "cohort.strata[chest_ct].body_parts: 'CHST' is not in the IDC index" in message
+    assert "closest: CHEST," in message
+    assert "cohort.strata[chest_radiograph].collections: 'nsclc_radiomic'" in message
+    assert "closest: nsclc_radiomics," in message
+    assert "LUNG" not in message  # valid values are not reported
+    # every collection listed is unknown, so that stratum cannot select anything
+    assert "cohort.strata[chest_radiograph] selects nothing: " in message
+    assert "cohort.strata[chest_ct] selects nothing" not in message
+
+
+def test_explain_prints_sql_and_the_count_after_each_filter(
+    repo: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from idc_diffusion.cli import main
+
+    out = tmp_path / "cohort"
+    assert (
+        main(
+            [
+                "cohort",
+                "--config",
+                str(repo / "config/demo.yaml"),
+                "--explain",
+                "--out-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert not out.exists()  # explain writes nothing
+    for name in ("chest_ct", "brain_mr", "chest_radiograph"):
+        assert f"-- stratum {name}: selection SQL (keys)" in text
+    assert text.count("WITH series AS (") == 3
+    counts = dict(
+        line.split()[1:3]
+        for line in text.splitlines()
+        if line.startswith("--   ") and line.split()[-1].isdigit() and len(line.split()) == 3
+    )
+    assert counts["all_series"] == "1044191"
+    # chest_radiograph: the non-commercial license filter removes 1164 series
+    assert "removed by license: {'CC BY-NC 4.0': 1164}" in text
+    chest_ct = text.split("-- stratum chest_ct: series left after each filter")[1]
+    lines = [ln.split() for ln in chest_ct.split("-- stratum")[0].splitlines() if ln.strip()]
+    values = [int(parts[-1]) for parts in lines]
+    assert values == sorted(values, reverse=True)  # each filter only removes
+    assert values[-1] == 6
+
+
+def test_download_plan_and_disk_budget(
+    demo_run: tuple[Path, dict], demo_config: dict, tmp_path: Path
+) -> None:
+    out, cfg = demo_run
+    cohort = pd.read_parquet(out / "cohort.parquet")
+    plan = json.loads((out / "download_plan.json").read_text())
+    assert plan["total"]["files"] == cohort["instanceCount"].sum()
+    assert plan["total"]["bytes"] == pytest.approx(cohort["series_size_MB"].sum() * 1e6, abs=2)
+    assert [s["shard"] for s in plan["shards"]] == list(range(cfg["n_shards"]))
+    for s in plan["shards"]:
+        part = cohort[cohort["shard"] == s["shard"]]
+        assert (s["series"], s["files"]) == (len(part), part["instanceCount"].sum())
+    assert plan["within_budget"] and plan["disk_budget_GB"] is None
+    settings = demo_config["cohort"]
+    settings["disk_budget_GB"] = plan["total"]["bytes"] / 2e9
+    with pytest.raises(
+        DiskBudgetError,
+        match=r"estimated download is 0\.\d+ GB .* over "
+        r"cohort\.disk_budget_GB",
+    ):
+        run_cohort(settings, seed=cfg["seed"], n_shards=cfg["n_shards"], out_dir=tmp_path)
+    assert not (tmp_path / "cohort.parquet").exists()
+    settings["disk_budget_GB"] = plan["total"]["bytes"] / 1e9 + 1e-6
+    run_cohort(settings, seed=cfg["seed"], n_shards=cfg["n_shards"], out_dir=tmp_path)
+    assert (tmp_path / "cohort.parquet").exists()
+
+
+def test_summary_by_modality_and_license(demo_run: tuple[Path, dict]) -> None:
+    out, _ = demo_run
+    cohort = pd.read_parquet(out / "cohort.parquet")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["backend"] == "duckdb"
+    for key, column in (("by_modality", "Modality"), ("by_license", "license_short_name")):
+        assert {k: v["series"] for k, v in summary[key].items()} == (
+            cohort[column].value_counts().to_dict()
+        )
+    assert summary["removed_by_license"] == {"CC BY-NC 4.0": 1164}
+    for name, part in cohort.groupby("stratum"):
+        by_mod = summary["by_stratum"][name]["by_modality"]
+        assert {k: v["series"] for k, v in by_mod.items()} == part[
+            "Modality"
+        ].value_counts().to_dict()
+
+
+def test_citations_list_every_source_with_collection_license_and_count(
+    demo_run: tuple[Path, dict],
+) -> None:
+    out, _ = demo_run
+    cohort = pd.read_parquet(out / "cohort.parquet")
+    rows = [
+        ln
+        for ln in (out / "CITATIONS.md").read_text().splitlines()
+        if "https://doi.org/" in ln and ln.startswith("| ")
+    ]
+    table = {}
+    for ln in rows:
+        collection, doi, license_, n = [c.strip() for c in ln.strip("|").split("|")]
+        table[(collection, doi.removeprefix("https://doi.org/"), license_)] = int(n)
+    expected = (
+        cohort.assign(doi=cohort["source_DOI"].str.lower())
+        .groupby(["collection_id", "doi", "license_short_name"])
+        .size()
+        .to_dict()
+    )
+    assert table == expected
 
 
 def test_a_series_is_in_one_stratum_only(demo_config: dict) -> None:

@@ -1,4 +1,4 @@
-"""Cohort selection: declarative strata evaluated on the IDC series index with DuckDB."""
+"""Cohort selection: declarative strata evaluated on the IDC series index (DuckDB or BigQuery)."""
 
 from __future__ import annotations
 
@@ -6,25 +6,36 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import duckdb
 import pandas as pd
 
 from idc_diffusion.citations import citations_markdown, source_citations
-from idc_diffusion.idc_index import IndexFiles, bundled_index, idc_version
+from idc_diffusion.cohort_spec import (
+    BIGQUERY,
+    DUCKDB,
+    IMAGE_SOP_CLASSES,
+    CohortSpecError,
+    Step,
+    license_counts_sql,
+    rows_sql,
+    selection_sql,
+    step_counts_sql,
+    stratum_steps,
+    unknown_values,
+)
+from idc_diffusion.download_plan import check_budget, download_plan
+from idc_diffusion.idc_index import (
+    DuckDBIndex,
+    IndexFiles,
+    bundled_index,
+    human_collections,
+    idc_version,
+    vocabulary,
+)
 from idc_diffusion.splits import assign_splits, patient_keys, shard_of
 
-# Image storage SOP classes per modality; SR, SEG, RTSTRUCT, presentation states, raw data
-# and secondary captures never enter a training cohort.
-IMAGE_SOP_CLASSES: dict[str, tuple[str, ...]] = {
-    "CT": ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"),
-    "MR": ("1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1"),
-    "CR": ("1.2.840.10008.5.1.4.1.1.1",),
-    "DX": ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1"),
-    "MG": ("1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.1.2.1"),
-}
-
+__all__ = ["IMAGE_SOP_CLASSES", "CohortSpecError", "EmptyCohortError", "select_strata"]
 
 log = logging.getLogger(__name__)
 
@@ -33,116 +44,153 @@ class EmptyCohortError(ValueError):
     """A stratum whose filters match no series."""
 
 
+class Backend(Protocol):
+    """Runs the cohort SQL on a series-level table (see cohort_spec)."""
+
+    name: str
+
+    def source_sql(self) -> str: ...
+    def columns(self) -> list[str]: ...
+    def query(self, sql: str) -> pd.DataFrame: ...
+    def close(self) -> None: ...
+
+
 @dataclass
 class StratumResult:
-    """The series a stratum selected and what its filters removed."""
+    """The series a stratum selected, what its filters removed, and the SQL that ran."""
 
     name: str
     selected: pd.DataFrame
     matched: int
     removed_by_license: dict[str, int] = field(default_factory=dict)
+    sql: str = ""
+    step_counts: list[tuple[str, int]] | None = None
 
 
-def _stratum_where(stratum: dict, settings: dict) -> tuple[str, list[Any]]:
-    """SQL predicate (without the license filter) and its parameters for one stratum."""
-    sop_classes = [uid for m in stratum["modalities"] for uid in IMAGE_SOP_CLASSES[m]]
-    clauses = ["list_contains(?, Modality)", "list_contains(?, SOPClassUID)", "instanceCount >= ?"]
-    params: list[Any] = [stratum["modalities"], sop_classes, stratum["min_instances"]]
-    if stratum["max_instances"] is not None:
-        clauses.append("instanceCount <= ?")
-        params.append(stratum["max_instances"])
-    if stratum["body_parts"]:
-        clauses.append("list_contains(?, upper(BodyPartExamined))")
-        params.append([b.upper() for b in stratum["body_parts"]])
-    if stratum["collections"]:
-        clauses.append("list_contains(?, collection_id)")
-        params.append(stratum["collections"])
-    if settings["exclude_derived"]:
-        clauses.append("analysis_result_id IS NULL")
-    if settings["exclude_description_regex"]:
-        clauses.append("NOT regexp_matches(coalesce(SeriesDescription, ''), ?)")
-        params.append(settings["exclude_description_regex"])
-    return " AND ".join(clauses), params
+def open_backend(settings: dict, files: IndexFiles, client: Any = None) -> Backend:
+    """The configured backend; `client` injects a BigQuery client (tests, custom auth)."""
+    if settings.get("backend", "duckdb") == "bigquery":
+        from idc_diffusion.bigquery_backend import BigQueryIndex
+
+        bq = settings.get("bigquery") or {}
+        return BigQueryIndex(
+            bq.get("dataset", "bigquery-public-data.idc_current"), bq.get("project"), client
+        )
+    return DuckDBIndex(files)
+
+
+def step_counts(backend: Backend, steps: list[Step]) -> list[tuple[str, int]]:
+    """Series left after each filter, starting with all series in the index."""
+    row = backend.query(step_counts_sql(backend.source_sql(), steps)).iloc[0]
+    names = ["all_series", *(s.name for s in steps)]
+    return [(name, int(row.iloc[k] or 0)) for k, name in enumerate(names)]
 
 
 def _select_stratum(
-    con: duckdb.DuckDBPyConnection, files: IndexFiles, stratum: dict, settings: dict, seed: int
+    backend: Backend,
+    stratum: dict,
+    settings: dict,
+    seed: int,
+    humans: list[str],
+    taken: list[str],
+    explain: bool,
 ) -> StratumResult:
-    where, params = _stratum_where(stratum, settings)
-    species = (
-        "AND collection_id IN (SELECT collection_id FROM read_parquet(?) WHERE species = 'Human')"
-        if settings["human_only"]
-        else ""
-    )
-    species_params = [str(files.collections)] if settings["human_only"] else []
-    con.execute(
-        f"CREATE OR REPLACE TEMP TABLE candidates AS SELECT * FROM read_parquet(?) "
-        f"WHERE {where} {species} AND SeriesInstanceUID NOT IN (SELECT uid FROM taken)",
-        [str(files.series), *params, *species_params],
-    )
-    by_license = dict(
-        con.execute("SELECT license_short_name, count(*) FROM candidates GROUP BY 1").fetchall()
-    )
+    dialect = BIGQUERY if backend.name == "bigquery" else DUCKDB
+    steps = stratum_steps(stratum, settings, humans, taken, dialect)
+    source = backend.source_sql()
+    licenses = backend.query(license_counts_sql(source, steps))
+    by_license = {str(k): int(v) for k, v in zip(licenses["license"], licenses["n"], strict=True)}
     allowed = settings["license_allow"]
-    removed = {str(k): int(v) for k, v in by_license.items() if k not in allowed}
-    # Seeded rank inside each patient, then a seeded order over the stratum: a larger cap
-    # (per patient or per stratum) keeps every series a smaller cap chose.
-    key = f"{seed}/{stratum['name']}/"
-    per_patient = stratum["max_series_per_patient"]
-    cap = stratum["max_series"]
-    selected = con.execute(
-        """
-        SELECT * EXCLUDE (patient_rank, sample_key) FROM (
-            SELECT *,
-                   md5(? || SeriesInstanceUID) AS sample_key,
-                   row_number() OVER (PARTITION BY collection_id, PatientID
-                                      ORDER BY md5(? || SeriesInstanceUID)) AS patient_rank
-            FROM candidates WHERE list_contains(?, license_short_name)
-        )
-        WHERE ? IS NULL OR patient_rank <= ?
-        ORDER BY sample_key
-        LIMIT coalesce(?, 9223372036854775807)
-        """,
-        [key, key, allowed, per_patient, per_patient, cap],
-    ).df()
-    return StratumResult(stratum["name"], selected, int(sum(by_license.values())), removed)
+    removed = {k: v for k, v in sorted(by_license.items()) if k not in allowed}
+    sql = selection_sql(source, steps, stratum, seed, dialect)
+    selected = backend.query(sql)  # keys only; select_strata fetches the rows
+    counts = step_counts(backend, steps) if explain or selected.empty else None
+    return StratumResult(stratum["name"], selected, sum(by_license.values()), removed, sql, counts)
 
 
-def select_strata(files: IndexFiles, settings: dict, seed: int) -> list[StratumResult]:
+def select_strata(
+    files: IndexFiles,
+    settings: dict,
+    seed: int,
+    backend: Backend | None = None,
+    explain: bool = False,
+) -> list[StratumResult]:
     """Evaluate every stratum in config order; a series belongs to the first stratum taking it.
 
-    Raises EmptyCohortError naming the stratum when a stratum selects nothing.
+    Raises CohortSpecError for collections/body parts/modalities the index does not have
+    (with the closest valid values) and EmptyCohortError naming the stratum and the filter
+    that emptied it. With `explain`, every result carries the series count after each filter.
     """
-    con = duckdb.connect()
+    problems = unknown_values(settings["strata"], vocabulary(files))
+    if problems:
+        raise CohortSpecError("; ".join(problems))
+    own = backend is None
+    backend = backend or open_backend(settings, files)
+    humans = human_collections(files)
     try:
-        con.execute("CREATE TEMP TABLE taken (uid VARCHAR)")
-        results = []
+        results: list[StratumResult] = []
+        taken: list[str] = []
         for stratum in settings["strata"]:
-            result = _select_stratum(con, files, stratum, settings, seed)
+            result = _select_stratum(backend, stratum, settings, seed, humans, taken, explain)
             if result.selected.empty:
-                raise EmptyCohortError(_empty_message(stratum, result))
-            con.execute(
-                "INSERT INTO taken SELECT unnest(?)", [list(result.selected["SeriesInstanceUID"])]
-            )
+                raise EmptyCohortError(_empty_message(stratum, result, settings))
+            taken += list(result.selected["SeriesInstanceUID"])
             results.append(result)
+        _fetch_rows(backend, results, taken)
         return results
     finally:
-        con.close()
+        if own:
+            backend.close()
 
 
-def _empty_message(stratum: dict, result: StratumResult) -> str:
-    filters = {k: v for k, v in stratum.items() if v not in (None, [], "")}
-    why = (
-        f"{result.matched} series matched but their licenses {sorted(result.removed_by_license)} "
-        "are not in cohort.license_allow"
-        if result.matched
-        else "no series matched its filters"
-    )
+def _fetch_rows(backend: Backend, results: list[StratumResult], uids: list[str]) -> None:
+    """Replace each result's keys by the full index rows, in the stratum's sample order."""
+    dialect = BIGQUERY if backend.name == "bigquery" else DUCKDB
+    columns = backend.columns()
+    rows = backend.query(rows_sql(backend.source_sql(), columns, uids, dialect))
+    rows = rows.set_index("SeriesInstanceUID", drop=False)
+    for r in results:
+        r.selected = rows.loc[list(r.selected["SeriesInstanceUID"]), columns].reset_index(drop=True)
+
+
+def _empty_message(stratum: dict, result: StratumResult, settings: dict) -> str:
+    counts = result.step_counts or []
+    emptied = next((k for k, (_, n) in enumerate(counts) if n == 0), None)
+    trail = ", ".join(f"{name}={n}" for name, n in counts)
+    if emptied is None:
+        why = "no series matched its filters"
+    elif counts[emptied][0] == "license_allow":
+        why = (
+            f"{result.matched} series matched but their licenses "
+            f"{sorted(result.removed_by_license)} are not in cohort.license_allow "
+            f"{settings['license_allow']}"
+        )
+    else:
+        name, _ = counts[emptied]
+        why = f"no series matched: filter {name!r} left 0 of {counts[emptied - 1][1]} series"
     return (
-        f"cohort.strata[{stratum['name']}] selects nothing: {why}. Filters: {filters}. "
-        "Loosen the filters (check spelling of body parts and collection ids, upper case) "
-        "or extend cohort.license_allow."
+        f"cohort.strata[{stratum['name']}] selects nothing: {why}. Series left after each "
+        f"filter: {trail}. Loosen that filter or extend cohort.license_allow."
     )
+
+
+def explain_text(results: list[StratumResult]) -> str:
+    """The SQL each stratum ran and the series count after each of its filters."""
+    lines = []
+    for r in results:
+        lines += [f"-- stratum {r.name}: selection SQL (keys)", r.sql + ";", ""]
+        lines.append(f"-- stratum {r.name}: series left after each filter")
+        for name, n in r.step_counts or []:
+            lines.append(f"--   {name:<28} {n:>9}")
+        lines.append(f"--   {'caps (per patient, stratum)':<28} {len(r.selected):>9}")
+        if r.removed_by_license:
+            lines.append(f"--   removed by license: {r.removed_by_license}")
+        lines.append("")
+    lines.append(
+        "-- then the full rows of every selected series, in one query: SELECT <index columns> "
+        "FROM series WHERE SeriesInstanceUID IN (<the keys above>)"
+    )
+    return "\n".join(lines)
 
 
 def build_cohort(
@@ -171,31 +219,44 @@ def _counts(frame: pd.DataFrame) -> dict[str, Any]:
     }
 
 
+def _by(frame: pd.DataFrame, column: str) -> dict[str, dict[str, Any]]:
+    return {str(k): _counts(g) for k, g in frame.groupby(column, dropna=False)}
+
+
 def cohort_summary(
     cohort: pd.DataFrame,
     results: list[StratumResult],
     files: IndexFiles,
     idc_version: int,
     n_shards: int,
+    backend: str = "duckdb",
 ) -> dict[str, Any]:
-    """Counts and sizes by stratum and split, licenses, and the index release used."""
+    """Counts and sizes by stratum, split, modality and license, and the index release used."""
     by_stratum = {}
+    removed_total: dict[str, int] = {}
     for r in results:
         part = cohort[cohort["stratum"] == r.name]
         by_stratum[r.name] = {
             **_counts(part),
             "matched_before_license_filter": r.matched,
             "removed_by_license": r.removed_by_license,
-            "by_split": {s: _counts(g) for s, g in part.groupby("split")},
+            "by_split": _by(part, "split"),
+            "by_modality": _by(part, "Modality"),
         }
+        for k, v in r.removed_by_license.items():
+            removed_total[k] = removed_total.get(k, 0) + v
     return {
+        "backend": backend,
         "idc_version": idc_version,
         "idc_index_data_version": files.package_version,
         "index_parquet": str(files.series),
         "n_shards": n_shards,
         "total": _counts(cohort),
-        "by_split": {s: _counts(g) for s, g in cohort.groupby("split")},
+        "by_split": _by(cohort, "split"),
         "by_stratum": by_stratum,
+        "by_modality": _by(cohort, "Modality"),
+        "by_license": _by(cohort, "license_short_name"),
+        "removed_by_license": dict(sorted(removed_total.items())),
         "by_shard": {
             int(k): int(v) for k, v in cohort["shard"].value_counts().sort_index().items()
         },
@@ -205,22 +266,47 @@ def cohort_summary(
     }
 
 
-def run_cohort(settings: dict, seed: int, n_shards: int, out_dir: Path) -> pd.DataFrame:
-    """The cohort stage: cohort.parquet, CITATIONS.md and summary.json in `out_dir`."""
-    files = bundled_index(settings["index_parquet"])
+def run_cohort(
+    settings: dict,
+    seed: int,
+    n_shards: int,
+    out_dir: Path,
+    client: Any = None,
+    explain: bool = False,
+) -> pd.DataFrame:
+    """The cohort stage: cohort.parquet, CITATIONS.md, summary.json, download_plan.json.
+
+    With `explain`, prints the SQL and the count after each filter and writes nothing.
+    Raises DiskBudgetError (before writing anything) when the estimated download exceeds
+    cohort.disk_budget_GB. `client` injects a BigQuery client for the bigquery backend.
+    """
+    files = bundled_index(settings.get("index_parquet"))
     version = idc_version(files)
-    results = select_strata(files, settings, seed)
+    backend = open_backend(settings, files, client)
+    try:
+        results = select_strata(files, settings, seed, backend, explain=explain)
+    finally:
+        if client is None:
+            backend.close()
     cohort = build_cohort(results, settings["split"], seed, n_shards)
+    if explain:
+        print(explain_text(results))
+        return cohort
+    plan = download_plan(cohort, n_shards, settings.get("disk_budget_GB"))
+    check_budget(plan)
     out_dir.mkdir(parents=True, exist_ok=True)
     cohort.to_parquet(out_dir / "cohort.parquet", index=False)
     sources = source_citations(files.collections)
     (out_dir / "CITATIONS.md").write_text(citations_markdown(cohort, sources, version))
-    summary = cohort_summary(cohort, results, files, version, n_shards)
+    summary = cohort_summary(cohort, results, files, version, n_shards, backend.name)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    (out_dir / "download_plan.json").write_text(json.dumps(plan, indent=2) + "\n")
     log.info(
-        "cohort: %d series, %d patients from IDC v%d",
+        "cohort: %d series, %d patients, %.3f GB to download, from IDC v%d (%s)",
         len(cohort),
         summary["total"]["patients"],
+        plan["total"]["GB"],
         version,
+        backend.name,
     )
     return cohort
