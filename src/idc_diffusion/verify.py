@@ -8,6 +8,7 @@ data. Pixels are never decoded: the checks read headers and compare byte counts.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,13 +91,28 @@ def check_file(path: Path, series_uid: str) -> str | None:
     return None
 
 
-def verify_series(folder: Path, series_uid: str, expected_instances: int) -> SeriesCheck:
-    """Check the files of one series in ``folder`` against the index's instance count."""
+# name -> (size, problem or None): results of check_file made earlier (e.g. during download)
+KnownFiles = Mapping[str, tuple[int, str | None]]
+
+
+def verify_series(
+    folder: Path, series_uid: str, expected_instances: int, known: KnownFiles | None = None
+) -> SeriesCheck:
+    """Check the files of one series in ``folder`` against the index's instance count.
+
+    A file listed in ``known`` with its current size is not read again.
+    """
     files = series_files(Path(folder))
-    size = sum(p.stat().st_size for p in files)
+    sizes = [p.stat().st_size for p in files]
+    size = sum(sizes)
     if not files:
         return SeriesCheck("missing", f"no files (expected {expected_instances})", 0, 0)
-    problems = [p for p in (check_file(f, series_uid) for f in files) if p is not None]
+    known = known or {}
+    results = [
+        known[f.name][1] if f.name in known and known[f.name][0] == n else check_file(f, series_uid)
+        for f, n in zip(files, sizes, strict=True)
+    ]
+    problems = [p for p in results if p is not None]
     if problems:
         more = f" (+{len(problems) - 1} more bad files)" if len(problems) > 1 else ""
         return SeriesCheck("corrupt", problems[0] + more, len(files), size)
