@@ -9,6 +9,7 @@ rule prepare:
     params:
         settings=section("prepare"),
         dicom_dir=lambda wildcards: f"results/dicom/shard-{wildcards.shard}",
+    threads: 8  # series in parallel; Snakemake lowers it to the cores it has
     log:
         "logs/prepare/shard-{shard}.log",
     benchmark:
@@ -18,7 +19,7 @@ rule prepare:
     shell:
         "python -m idc_diffusion prepare --settings {params.settings} --cohort {input.cohort}"
         " --shard {wildcards.shard} --dicom-dir {params.dicom_dir} --report {input.report}"
-        " --out-dir $(dirname {output.records}) > {log} 2>&1"
+        " --out-dir $(dirname {output.records}) --workers {threads} > {log} 2>&1"
 
 
 rule dataset:
@@ -30,6 +31,7 @@ rule dataset:
         val=directory("results/dataset/val"),
         test=directory("results/dataset/test"),
         rejected=report("results/dataset/rejected.parquet", category="Data"),
+        summary="results/dataset/summary.json",
     params:
         shards=lambda wildcards, input: [str(Path(p).parent) for p in input.records],
     log:
@@ -41,3 +43,24 @@ rule dataset:
     shell:
         "python -m idc_diffusion dataset --shards {params.shards} --reports {input.reports}"
         " --out-dir $(dirname {output.rejected}) > {log} 2>&1"
+
+
+rule latents:
+    input:
+        train=rules.dataset.output.train,
+    output:
+        index="results/latents/index.parquet",
+    params:
+        # the base model (train section) decides the VAE that encodes the images
+        settings=section("train"),
+    log:
+        "logs/latents/latents.log",
+    benchmark:
+        "benchmarks/latents/latents.tsv"
+    conda:
+        "../envs/latents.yaml"
+    resources:
+        gpu=1,
+    shell:
+        "python -m idc_diffusion latents --settings {params.settings}"
+        " --dataset-dir $(dirname {input.train}) --out-dir $(dirname {output.index}) > {log} 2>&1"

@@ -82,7 +82,7 @@ def test_bad_files_are_rejected_by_name_and_the_rest_kept(tmp_path):
     truncate(paths[1])
     strip_pixels(paths[2])
     (tmp_path / "notes.txt").write_text("not dicom")
-    odd = make_dataset(np.zeros((16, 16), np.int16), "CT", "1.2.3", "1.2.4")
+    odd = make_dataset(np.zeros((16, 16), np.int16), "CT", "1.2.3", "1.2.4", slope=1, intercept=0)
     save(odd, tmp_path / "small.dcm")
     vol = read_series(tmp_path)
     assert water(vol) == [0, 3, 4, 5]
@@ -96,7 +96,7 @@ def test_bad_files_are_rejected_by_name_and_the_rest_kept(tmp_path):
 
 def test_undecodable_pixel_data_rejected_at_load(tmp_path):
     write_volume(tmp_path, ct_phantom(3, SIZE))
-    ds = make_dataset(np.zeros((SIZE, SIZE), np.int16), "CT", "1.2.3", "1.2.4")
+    ds = make_dataset(np.zeros((SIZE, SIZE), np.int16), "CT", "1.2.3", "1.2.4", slope=1)
     ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
     ds.PixelData = encapsulate([b"\x00garbage" * 16])
     ds.ImageOrientationPatient = list(AXIAL)

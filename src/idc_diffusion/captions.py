@@ -9,14 +9,30 @@ a template that names any field outside :data:`ALLOWED_FIELDS` raises ``ValueErr
 
 from __future__ import annotations
 
+import hashlib
 import re
 import string
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 ALLOWED_FIELDS: frozenset[str] = frozenset(
-    {"modality", "body_part", "plane", "view", "window", "sex", "age_band"}
+    {
+        "modality",
+        "body_part",
+        "plane",
+        "view",
+        "window",
+        "sex",
+        "age_band",
+        "contrast",
+        "position",
+        "disease",
+        "site",
+    }
 )
+CLIP_MAX_TOKENS = 77  # CLIP text encoder context, including start and end tokens
 
 MODALITY_TEXT = {
     "CT": "CT",
@@ -43,9 +59,20 @@ BODY_PART_TEXT = {
     "EXTREMITY": "extremity",
     "LUNG": "lung",
 }
-VIEW_TEXT = {"PA": "PA", "AP": "AP", "LL": "lateral", "RL": "lateral", "LAT": "lateral"}
+VIEW_TEXT = {
+    "PA": "PA",
+    "AP": "AP",
+    "LL": "lateral",
+    "RL": "lateral",
+    "LAT": "lateral",
+    "CC": "craniocaudal",
+    "MLO": "mediolateral oblique",
+}
 SEX_TEXT = {"M": "male", "F": "female"}
 _WORDS = re.compile(r"^[a-z][a-z ]{0,39}$")
+_TERM = re.compile(r"^[a-z][a-z \-/]{1,59}$")  # a disease or site term from the index
+_CLIP_PIECES = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+")
+CLIP_CHARS_PER_TOKEN = 8  # longer words split into BPE pieces of a few characters
 _AGE = re.compile(r"^(\d{1,3})([DWMY])$")
 
 
@@ -139,8 +166,18 @@ def caption_fields(
     plane: str | None = None,
     view_position: str | None = None,
     window: str | None = None,
+    contrast: str | None = None,
+    position: str | None = None,
+    disease: str | None = None,
+    site: str | None = None,
 ) -> dict[str, str | None]:
-    """All allowed caption fields from raw DICOM/index codes (None when unknown)."""
+    """All allowed caption fields from raw DICOM/index codes (None when unknown).
+
+    `contrast` is ContrastBolusAgent (present -> "with contrast", else unknown: absence in
+    the header does not prove a scan was unenhanced); `position` a third of the body axis
+    ("upper"/"middle"/"lower"); `disease`/`site` the collection's cancer type and tumour
+    location from IDC's collections index.
+    """
     return {
         "modality": modality_text(modality),
         "body_part": body_part_text(body_part),
@@ -149,24 +186,87 @@ def caption_fields(
         "window": window or None,
         "sex": sex_text(sex),
         "age_band": age_band(age),
+        "contrast": "with contrast" if _clean_code(contrast) else None,
+        "position": position or None,
+        "disease": index_term(disease),
+        "site": index_term(site),
     }
 
 
-def render_part(alternatives: Iterable[str], fields: Mapping[str, Any]) -> str | None:
-    """The first alternative whose fields are all known, rendered; None if there is none."""
-    for template in alternatives:
-        names = template_fields(template)
-        if all(fields.get(name) not in (None, "") for name in names):
-            return template.format(**{name: fields[name] for name in names})
-    return None
+def index_term(value: str | None) -> str | None:
+    """The first term of an IDC collections-index list ('Lung Cancer, Non-Cancer' -> 'lung
+    cancer'), lower-cased; None unless it is plain words (no codes, digits or names)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    first = str(value).split(",")[0].strip().lower()
+    return first if _TERM.match(first) else None
+
+
+def usable(template: str, fields: Mapping[str, Any]) -> bool:
+    """True when every field the template names is known."""
+    return all(fields.get(name) not in (None, "") for name in template_fields(template))
+
+
+def render_part(
+    alternatives: Iterable[str], fields: Mapping[str, Any], rng: np.random.Generator | None = None
+) -> str | None:
+    """One usable alternative rendered (the first, or a seeded random one with `rng`)."""
+    candidates = [t for t in alternatives if usable(t, fields)]
+    if not candidates:
+        return None
+    template = candidates[0] if rng is None else candidates[int(rng.integers(len(candidates)))]
+    return template.format(**{name: fields[name] for name in template_fields(template)})
 
 
 def render_caption(
-    fields: Mapping[str, Any], parts: Sequence[Sequence[str]], separator: str = ", "
+    fields: Mapping[str, Any],
+    parts: Sequence[Sequence[str]],
+    separator: str = ", ",
+    *,
+    rng: np.random.Generator | None = None,
+    dropout: float = 0.0,
+    random_choice: bool = True,
 ) -> str:
-    """Render and join every part that has a usable alternative."""
-    rendered = (render_part(part, fields) for part in parts)
-    return separator.join(text for text in rendered if text)
+    """Render and join every part that has a usable alternative.
+
+    With `rng`, every part after the first is dropped with probability `dropout` (the first,
+    normally the modality, always stays so no caption is empty) and, if `random_choice`,
+    each part's alternative is drawn at random among the usable ones.
+    """
+    rendered = []
+    chooser = rng if random_choice else None
+    for number, part in enumerate(parts):
+        if rng is not None and number > 0 and dropout > 0 and rng.random() < dropout:
+            continue
+        text = render_part(part, fields, chooser)
+        if text:
+            rendered.append(text)
+    return separator.join(rendered)
+
+
+def caption_rng(seed: int, key: str) -> np.random.Generator:
+    """A generator fixed by the seed and an image's name, so reruns give the same caption."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def parts_for(modality: str | None, caption: Mapping[str, Any]) -> Sequence[Sequence[str]]:
+    """The caption parts of a modality: ``modality_parts[MOD]`` when set, else ``parts``."""
+    per_modality = caption.get("modality_parts") or {}
+    return per_modality.get((modality or "").upper(), caption["parts"])
+
+
+def clip_token_count(text: str) -> int:
+    """Approximate CLIP token count of a caption, start and end tokens included.
+
+    Follows the CLIP tokenizer's pre-split (lower-case; words, single digits, punctuation
+    runs); each word counts one token per started CLIP_CHARS_PER_TOKEN characters, which
+    matches BPE for common English words (one token) and over-counts rare long words. An
+    estimate without loading a vocabulary; captions here are short and plain.
+    """
+    pieces = _CLIP_PIECES.findall(text.lower())
+    words = sum(-(-len(p) // CLIP_CHARS_PER_TOKEN) if p.isalpha() else 1 for p in pieces)
+    return words + 2
 
 
 def _clean_code(value: Any) -> str | None:

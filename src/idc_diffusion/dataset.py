@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from idc_diffusion.caption_stats import caption_statistics
 from idc_diffusion.prepare import REJECTED_DTYPES
 
 SPLITS = ("train", "val", "test")
@@ -31,6 +32,10 @@ METADATA_FIELDS = (
     "window",
     "sex",
     "age_band",
+    "contrast",
+    "position",
+    "disease",
+    "site",
     "collection_id",
     "license_short_name",
     "SeriesInstanceUID",
@@ -83,6 +88,8 @@ def _merge_rejected(shard_dirs: list[Path]) -> pd.DataFrame:
     frames = []
     for shard_dir in shard_dirs:
         frame = pd.read_parquet(shard_dir / "rejected.parquet")
+        if "category" not in frame:  # shards prepared before categories existed
+            frame = frame.assign(category=pd.NA)
         frames.append(frame.assign(shard=shard_dir.name))
     columns = {**REJECTED_DTYPES, "shard": "string"}
     if not frames:
@@ -105,8 +112,11 @@ def _download_summary(reports: list[Path]) -> tuple[dict[str, int], list[str]]:
 def build_imagefolder(shard_dirs: list[Path], out_root: Path, download_reports: list[Path]) -> dict:
     """Build out_root/{train,val,test}/ (images + metadata.jsonl) and out_root/rejected.parquet.
 
-    Returns image counts per split, plus ``rejected`` (rows), ``download_status`` (series
-    per status from the download reports) and ``pixel_source`` (sources seen).
+    Returns, and writes to out_root/summary.json, image counts per split plus ``rejected``
+    (rows), ``rejected_by_category`` and ``rejected_by_stage`` (quality-filter and bad-input
+    counts), ``download_status`` (series per status from the download reports),
+    ``pixel_source`` (sources seen) and ``captions`` (vocabulary, token-length histogram,
+    most common captions; see :mod:`idc_diffusion.caption_stats`).
     """
     shard_dirs = sorted((Path(d) for d in shard_dirs), key=lambda d: d.name)
     out_root = Path(out_root)
@@ -131,9 +141,15 @@ def build_imagefolder(shard_dirs: list[Path], out_root: Path, download_reports: 
     rejected = _merge_rejected(shard_dirs)
     rejected.to_parquet(out_root / "rejected.parquet", index=False)
     statuses, sources = _download_summary(download_reports)
-    return {
+    categories = rejected["category"].fillna("unknown") if "category" in rejected else []
+    summary = {
         **counts,
         "rejected": len(rejected),
+        "rejected_by_category": dict(sorted(Counter(categories).items())),
+        "rejected_by_stage": dict(sorted(Counter(rejected["stage"].fillna("unknown")).items())),
         "download_status": statuses,
         "pixel_source": sources,
+        "captions": caption_statistics([str(e[3]["text"]) for e in entries]),
     }
+    (out_root / "summary.json").write_text(json.dumps(summary, indent=2, default=int) + "\n")
+    return summary

@@ -1,28 +1,43 @@
 """The prepare stage for one shard: DICOM series -> 8-bit PNG slices + captions + records.
 
-Per series (only those the download report marks ``ok``):
+Per series (only those the download report marks ``ok``; series run in a process pool of
+``workers``, one series per worker at a time, so memory is bounded by the largest series'
+selected slices whatever the shard size):
 
-1. :func:`~idc_diffusion.series.scan_series` reads headers, rejects unusable files and sorts
-   the slices along the slice normal.
-2. Slices are chosen: volumetric series take ``slices_per_series`` slices at the centres of
-   equal sub-bands of ``slice_band`` (fractions of the sorted stack); projection radiographs
-   (CR/DX, or any series without geometry) take their images in InstanceNumber order,
-   evenly thinned to ``slices_per_series``.
+1. :func:`~idc_diffusion.series.scan_series` reads headers (single- and multi-frame),
+   rejects unusable files/frames and localizers, and sorts the slices along the normal.
+2. Slices are chosen by ``slice_selection``: ``band`` (default) takes ``slices_per_series``
+   slices at the centres of equal sub-bands of ``slice_band`` (fractions of the sorted
+   stack), ``uniform`` the same over the whole stack, ``positions`` the slices nearest to the
+   ``slice_positions`` fractions of the stack's extent in mm along the normal. Projection
+   radiographs (CR/DX/MG, or any series without geometry) take their images in
+   InstanceNumber order, evenly thinned to ``slices_per_series``.
 3. Windows: CT uses the presets listed for its BodyPartExamined in ``ct_windows`` (else
-   ``default``), one image per window. MR is normalised to its volume's ``mr_percentiles``
-   (window name ``percentile``; statistics from up to 32 evenly spaced slices). Radiographs
-   and other modalities use the file's first VOI window (name ``voi``), else percentiles.
+   ``default``), one image per window, or one RGB image whose channels are the
+   ``ct_composite`` presets. MR is normalised to its volume's ``mr_percentiles`` (window name
+   ``percentile``; statistics from up to 32 evenly spaced slices). Radiographs and other
+   modalities use the file's VOI LUT Sequence item (``voi_lut``), else its WindowCenter/Width
+   (``voi``), number ``voi_index`` (the last when there are fewer), else percentiles.
    MONOCHROME1 images are inverted after windowing so dense tissue is bright.
-4. Slices whose body fraction (CT: HU > -500; others: display value > 10) is below
-   ``min_body_fraction`` are skipped and recorded in ``rejected``.
-5. The caption's ``window`` field is the CT preset name only; ``voi``/``percentile`` carry no
-   meaning for a reader, so radiograph and MR captions have no window part.
+4. Quality filters, each counted in ``rejected`` by category: body fraction (CT: HU > -500;
+   others: display value > 10) below ``min_body_fraction`` (``low_body_fraction``), and a
+   display standard deviation below ``min_slice_std`` grey levels (``near_constant``).
+5. Geometry: optional ``center_crop`` (fraction of each side kept), then, with
+   ``field_of_view_mm`` and PixelSpacing, resampling to field_of_view_mm / resolution mm per
+   pixel (centred crop or pad), else fitting the longer side to ``resolution``. Never flipped.
+6. Captions from ``caption.parts`` (or ``caption.modality_parts[MODALITY]``); with
+   ``caption.choice: random`` or ``caption.dropout`` > 0 the alternative and the dropped parts
+   are drawn from a generator seeded by ``caption.seed`` and the image name. The caption's
+   ``window`` field is the CT preset name only; ``voi``/``percentile`` carry no meaning for a
+   reader. Captions over ``caption.max_tokens`` (estimated CLIP tokens) are logged and counted.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,15 +45,28 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from idc_diffusion.captions import caption_fields, render_caption, validate_parts
+from idc_diffusion.captions import (
+    CLIP_MAX_TOKENS,
+    caption_fields,
+    caption_rng,
+    clip_token_count,
+    parts_for,
+    render_caption,
+    validate_parts,
+)
+from idc_diffusion.collection_terms import collection_terms
+from idc_diffusion.geometry import axis_fractions, center_crop, resample_to_fov, third_of
 from idc_diffusion.imaging import foreground_fraction, resize_square, write_png
 from idc_diffusion.rows import cell
-from idc_diffusion.series import SeriesScan, load_slices, scan_series
+from idc_diffusion.series import SeriesScan, SliceHeader, load_slices, scan_series
 from idc_diffusion.windowing import (
+    Lut,
+    composite_to_uint8,
     invert_if_monochrome1,
+    lut_to_uint8,
     normalise_to_uint8,
     percentile_range,
-    voi_window,
+    pick,
     window_to_uint8,
 )
 
@@ -48,7 +76,18 @@ CT_BODY_HU = -500.0
 DISPLAY_FOREGROUND_LEVEL = 10.0
 PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "RF", "XA"})
 STATS_MAX_SLICES = 32
-CAPTION_FIELDS = ("modality", "body_part", "plane", "view", "sex", "age_band")
+CAPTION_FIELDS = (
+    "modality",
+    "body_part",
+    "plane",
+    "view",
+    "sex",
+    "age_band",
+    "contrast",
+    "position",
+    "disease",
+    "site",
+)
 
 RECORD_DTYPES: dict[str, str] = {
     "file_name": "string",
@@ -68,6 +107,8 @@ RECORD_DTYPES: dict[str, str] = {
     **{name: "string" for name in CAPTION_FIELDS},
     "pixel_source": "string",
     "license_short_name": "string",
+    "text_tokens": "int64",
+    "voi_index": "Int64",
 }
 REJECTED_DTYPES: dict[str, str] = {
     "SeriesInstanceUID": "string",
@@ -75,6 +116,7 @@ REJECTED_DTYPES: dict[str, str] = {
     "slice_index": "Int64",
     "stage": "string",
     "reason": "string",
+    "category": "string",
 }
 
 
@@ -88,6 +130,9 @@ class Window:
     low: float | None = None  # percentile range; None for linear windows
     high: float | None = None
     caption: str | None = None  # caption's {window} field; only CT presets have one
+    lut: Lut | None = None  # VOI LUT Sequence item ("voi_lut")
+    composite: tuple[tuple[float, float], ...] | None = None  # RGB channels' windows
+    voi_index: int | None = None  # which of the file's VOI windows/LUTs was used
 
 
 def select_indices(n: int, k: int, band: Sequence[float] = (0.0, 1.0)) -> list[int]:
@@ -104,6 +149,13 @@ def ct_windows(body_part: str | None, settings: Mapping[str, Any]) -> list[Windo
     table = settings["ct_windows"]
     names = table.get((body_part or "").strip().upper(), table["default"])
     presets = settings["window_presets"]
+    composite = settings.get("ct_composite")
+    if composite:
+        channels = tuple(
+            (float(presets[n]["center"]), float(presets[n]["width"])) for n in composite
+        )
+        label = "/".join(composite) + " composite"
+        return [Window("composite", None, None, caption=label, composite=channels)]
     return [
         Window(name, float(presets[name]["center"]), float(presets[name]["width"]), caption=name)
         for name in names
@@ -118,7 +170,11 @@ def percentile_window(values: np.ndarray, percentiles: Sequence[float]) -> Windo
 
 def render(values: np.ndarray, window: Window, photometric: str) -> np.ndarray:
     """One slice's values through a window to display uint8 (MONOCHROME1 inverted)."""
-    if window.center is not None and window.width is not None:
+    if window.composite is not None:
+        image = composite_to_uint8(values, window.composite)
+    elif window.lut is not None:
+        image = lut_to_uint8(values, window.lut)
+    elif window.center is not None and window.width is not None:
         image = window_to_uint8(values, window.center, window.width)
     else:
         image = normalise_to_uint8(values, window.low or 0.0, window.high or 0.0)
@@ -139,7 +195,12 @@ def body_fraction(values: np.ndarray, display: np.ndarray, modality: str | None)
 
 
 def _reject(
-    uid: str, reason: str, stage: str, file: str | None = None, index: int | None = None
+    uid: str,
+    reason: str,
+    stage: str,
+    file: str | None = None,
+    index: int | None = None,
+    category: str = "series",
 ) -> dict:
     return {
         "SeriesInstanceUID": uid,
@@ -147,7 +208,37 @@ def _reject(
         "slice_index": index,
         "stage": stage,
         "reason": reason,
+        "category": category,
     }
+
+
+def choose_slices(scan: SeriesScan, projection: bool, settings: Mapping[str, Any]) -> list[int]:
+    """Sorted-stack indices of the slices to render (see the module docstring, step 2)."""
+    n, k = len(scan.slices), int(settings["slices_per_series"])
+    mode = settings.get("slice_selection", "band")
+    if projection or mode == "uniform":
+        return select_indices(n, k)
+    if mode == "positions":
+        fractions = axis_fractions(scan.positions_mm)
+        if np.all(np.isfinite(fractions)):
+            wanted = np.asarray(settings.get("slice_positions") or [0.5], dtype=float)
+            return sorted({int(np.argmin(np.abs(fractions - f))) for f in wanted})
+        return select_indices(n, k)  # no extent along the normal: fall back to uniform
+    if mode != "band":
+        raise ValueError(f"prepare.slice_selection: unknown mode {mode!r}")
+    return select_indices(n, k, settings["slice_band"])
+
+
+def to_output(image: np.ndarray, spacing: Sequence[float] | None, settings: Mapping) -> np.ndarray:
+    """Crop (optional), then resample to the field of view or fit the square (step 5)."""
+    crop = settings.get("center_crop")
+    if crop:
+        image = center_crop(image, float(crop))
+    fov = settings.get("field_of_view_mm")
+    size = int(settings["resolution"])
+    if fov and spacing:
+        return resample_to_fov(image, spacing, float(fov), size)
+    return resize_square(image, size)
 
 
 def _stats_indices(n: int) -> list[int]:
@@ -161,10 +252,14 @@ def series_windows(
     if modality == "CT":
         return ct_windows(body_part, settings)
     if modality != "MR":
-        first = scan.slices[0]
-        voi = voi_window(first.window_center, first.window_width)
+        first: SliceHeader = scan.slices[0]
+        index = int(settings.get("voi_index", 0))
+        lut = pick(first.voi_luts, index)
+        if lut is not None:
+            return [Window("voi_lut", None, None, lut=lut[1], voi_index=lut[0])]
+        voi = pick(first.windows, index)
         if voi is not None:
-            return [Window("voi", voi[0], voi[1])]
+            return [Window("voi", voi[1][0], voi[1][1], voi_index=voi[0])]
     stats = load_slices(scan, _stats_indices(len(scan.slices))).volume
     return [percentile_window(stats, settings["mr_percentiles"])]
 
@@ -176,27 +271,36 @@ def prepare_series(
     settings: Mapping[str, Any],
     shard: int,
     pixel_source: str,
+    terms: tuple[str | None, str | None] = (None, None),
 ) -> tuple[list[dict], list[dict]]:
-    """Write one series' PNGs; return its records and rejections."""
+    """Write one series' PNGs; return its records and rejections.
+
+    `terms` is the collection's (cancer type, tumour location) for the caption.
+    """
     uid = str(row["SeriesInstanceUID"])
     if not series_dir.is_dir():
         return [], [_reject(uid, f"series folder {series_dir.name} missing", "prepare")]
     scan = scan_series(series_dir)
-    rejected = [_reject(uid, r.reason, "prepare", r.file) for r in scan.rejected]
+    rejected = [
+        _reject(uid, r.reason, "prepare", r.file, category=r.category) for r in scan.rejected
+    ]
     if not scan.slices:
         reason = f"no usable slice ({len(scan.rejected)} files rejected)"
         return [], [*rejected, _reject(uid, reason, "prepare")]
     modality = str(cell(row, "Modality") or scan.header["Modality"] or "").upper()
     body_part = cell(row, "BodyPartExamined") or scan.header["BodyPartExamined"]
     projection = is_projection(modality, scan)
-    band = (0.0, 1.0) if projection else settings["slice_band"]
-    indices = select_indices(len(scan.slices), settings["slices_per_series"], band)
+    indices = choose_slices(scan, projection, settings)
     volume = load_slices(scan, indices)
     rejected += [
-        _reject(uid, r.reason, "prepare", r.file, _index_of(scan, r.file))
+        _reject(uid, r.reason, "prepare", r.file, _index_of(scan, r.file), r.category)
         for r in volume.rejected[len(scan.rejected) :]
     ]
     windows = series_windows(modality, body_part, scan, settings)
+    thirds = axis_fractions(scan.z_mm)
+    caption = settings["caption"]
+    parts = parts_for(modality, caption)
+    max_tokens = int(caption.get("max_tokens", CLIP_MAX_TOKENS))
     records = []
     for values, index, position, sop, file in zip(
         volume.volume,
@@ -207,33 +311,37 @@ def prepare_series(
         strict=True,
     ):
         images = [render(values, w, volume.photometric) for w in windows]
-        fraction = body_fraction(values, images[0], modality)
-        if fraction < settings["min_body_fraction"]:
-            reason = (
-                f"{file}: body fraction {fraction:.3f} below min_body_fraction "
-                f"{settings['min_body_fraction']}"
-            )
-            rejected.append(_reject(uid, reason, "prepare", file, index))
+        problem = quality_problem(values, images[0], modality, settings)
+        if problem is not None:
+            category, reason = problem
+            rejected.append(_reject(uid, f"{file}: {reason}", "prepare", file, index, category))
             continue
+        spacing = scan.slices[index].pixel_spacing
+        fields = caption_fields(
+            modality=modality,
+            body_part=body_part,
+            sex=cell(row, "PatientSex") or scan.header["PatientSex"],
+            age=cell(row, "PatientAge") or scan.header["PatientAge"],
+            plane=None if projection else volume.plane,
+            view_position=scan.header["ViewPosition"] if projection else None,
+            contrast=scan.header.get("ContrastBolusAgent"),
+            position=None if projection or volume.plane != "axial" else third_of(thirds[index]),
+            disease=terms[0],
+            site=terms[1],
+        )
         for window, image in zip(windows, images, strict=True):
             name = f"images/{uid}_{index:04d}_{window.name}.png"
-            write_png(resize_square(image, settings["resolution"]), out_dir / name)
-            fields = caption_fields(
-                modality=modality,
-                body_part=body_part,
-                sex=cell(row, "PatientSex") or scan.header["PatientSex"],
-                age=cell(row, "PatientAge") or scan.header["PatientAge"],
-                plane=None if projection else volume.plane,
-                view_position=scan.header["ViewPosition"] if projection else None,
-                window=window.caption,
-            )
-            text = render_caption(
-                fields, settings["caption"]["parts"], settings["caption"]["separator"]
-            )
+            write_png(to_output(image, spacing, settings), out_dir / name)
+            fields = {**fields, "window": window.caption}
+            text = caption_text(fields, parts, caption, name)
+            tokens = clip_token_count(text)
+            if tokens > max_tokens:
+                log.warning("%s: caption has ~%d CLIP tokens (> %d)", name, tokens, max_tokens)
             slice_info = {
                 "slice_index": index,
                 "slice_position_mm": float(position),
                 "SOPInstanceUID": sop,
+                "text_tokens": tokens,
             }
             records.append(
                 _record(row, name, text, window, fields, slice_info, shard, pixel_source)
@@ -241,6 +349,44 @@ def prepare_series(
     if not records:
         rejected.append(_reject(uid, "no usable slice in the series", "prepare"))
     return records, rejected
+
+
+def quality_problem(
+    values: np.ndarray, display: np.ndarray, modality: str, settings: Mapping[str, Any]
+) -> tuple[str, str] | None:
+    """(category, reason) when a slice fails a quality filter, else None."""
+    std = float(np.std(display))
+    min_std = float(settings.get("min_slice_std", 0.0))
+    if std < min_std:
+        return "near_constant", f"display std {std:.2f} below min_slice_std {min_std}"
+    fraction = body_fraction(values, display if display.ndim == 2 else display[..., 0], modality)
+    if fraction < settings["min_body_fraction"]:
+        return "low_body_fraction", (
+            f"body fraction {fraction:.3f} below min_body_fraction {settings['min_body_fraction']}"
+        )
+    return None
+
+
+def caption_text(
+    fields: Mapping[str, Any],
+    parts: Sequence[Sequence[str]],
+    caption: Mapping[str, Any],
+    image_name: str,
+) -> str:
+    """The caption of one image: seeded choice/dropout when configured, else deterministic."""
+    random_choice = caption.get("choice", "first") == "random"
+    dropout = float(caption.get("dropout", 0.0))
+    rng = None
+    if random_choice or dropout > 0:
+        rng = caption_rng(int(caption.get("seed", 0)), image_name)
+    return render_caption(
+        fields,
+        parts,
+        caption["separator"],
+        rng=rng,
+        dropout=dropout,
+        random_choice=random_choice,
+    )
 
 
 def _record(
@@ -270,12 +416,13 @@ def _record(
         **{k: fields[k] for k in CAPTION_FIELDS},
         "pixel_source": pixel_source,
         "license_short_name": cell(row, "license_short_name"),
+        "voi_index": window.voi_index,
     }
 
 
 def _index_of(scan: SeriesScan, file: str) -> int | None:
     """Sorted-stack index of a file name in a scan."""
-    return next((i for i, s in enumerate(scan.slices) if s.path.name == file), None)
+    return next((i for i, s in enumerate(scan.slices) if s.name == file), None)
 
 
 def _frame(rows: list[dict], dtypes: Mapping[str, str]) -> pd.DataFrame:
@@ -292,8 +439,34 @@ def _download_rejections(rows: pd.DataFrame, report: Mapping[str, Any]) -> dict[
         entry = entries.get(uid, {"status": "missing", "reason": "not in the download report"})
         if entry.get("status") != "ok":
             reason = f"download {entry.get('status')}: {entry.get('reason') or ''}".strip()
-            out[uid] = _reject(uid, reason, "download")
+            out[uid] = _reject(uid, reason, "download", category="download")
     return out
+
+
+def _series_task(task: tuple) -> tuple[list[dict], list[dict]]:
+    """One pool task: prepare a series, turning any error into a rejection of that series."""
+    row, series_dir, out_dir, settings, shard, pixel_source, terms = task
+    uid = str(row["SeriesInstanceUID"])
+    try:
+        return prepare_series(row, series_dir, out_dir, settings, shard, pixel_source, terms)
+    except Exception as exc:  # one bad series must not stop the shard
+        log.exception("series %s failed", uid)
+        return [], [
+            _reject(uid, f"error: {type(exc).__name__}: {exc}", "prepare", category="error")
+        ]
+
+
+def run_tasks(tasks: list[tuple], workers: int) -> list[tuple[list[dict], list[dict]]]:
+    """Results of every task, in task order: in-process, or in a pool of `workers` processes.
+
+    The pool uses the spawn start method (no state inherited from the parent) and hands out
+    one series per worker at a time (chunksize 1).
+    """
+    if workers <= 1 or len(tasks) <= 1:
+        return [_series_task(t) for t in tasks]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context) as pool:
+        return list(pool.map(_series_task, tasks, chunksize=1))
 
 
 def prepare_shard(
@@ -303,9 +476,16 @@ def prepare_shard(
     out_dir: Path,
     settings: dict,
     shard: int,
+    workers: int = 1,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Prepare one shard; write images/, records.parquet, rejected.parquet under out_dir."""
-    validate_parts(settings["caption"]["parts"])
+    caption = settings["caption"]
+    validate_parts(caption["parts"])
+    for modality, parts in (caption.get("modality_parts") or {}).items():
+        try:
+            validate_parts(parts)
+        except ValueError as exc:
+            raise ValueError(f"prepare.caption.modality_parts.{modality}: {exc}") from exc
     dicom_dir, out_dir = Path(dicom_dir), Path(out_dir)
     images = out_dir / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -313,31 +493,32 @@ def prepare_shard(
         stale.unlink()
     pixel_source = str(report.get("pixel_source", "idc"))
     failed = _download_rejections(rows, report)
-    records: list[dict] = []
+    terms = collection_terms(rows)
     rejected: list[dict] = []
+    tasks = []
     for row in rows.sort_values("SeriesInstanceUID").to_dict("records"):
         uid = str(row["SeriesInstanceUID"])
         if uid in failed:
             rejected.append(failed[uid])
             continue
-        try:
-            recs, rejs = prepare_series(
-                row, dicom_dir / uid, out_dir, settings, shard, pixel_source
-            )
-        except Exception as exc:  # one bad series must not stop the shard
-            log.exception("series %s failed", uid)
-            recs, rejs = [], [_reject(uid, f"error: {type(exc).__name__}: {exc}", "prepare")]
+        collection = terms.get(str(row.get("collection_id")), (None, None))
+        tasks.append((row, dicom_dir / uid, out_dir, settings, shard, pixel_source, collection))
+    records: list[dict] = []
+    for recs, rejs in run_tasks(tasks, workers):
         records += recs
         rejected += rejs
     record_frame = _frame(records, RECORD_DTYPES)
     rejected_frame = _frame(rejected, REJECTED_DTYPES)
     record_frame.to_parquet(out_dir / "records.parquet", index=False)
     rejected_frame.to_parquet(out_dir / "rejected.parquet", index=False)
+    long_captions = int((record_frame["text_tokens"] > caption.get("max_tokens", 77)).sum())
     log.info(
-        "shard %d: %d images from %d series, %d rejections",
+        "shard %d: %d images from %d series, %d rejections %s, %d captions over the token limit",
         shard,
         len(record_frame),
         record_frame["SeriesInstanceUID"].nunique(),
         len(rejected_frame),
+        rejected_frame["category"].value_counts().to_dict(),
+        long_captions,
     )
     return record_frame, rejected_frame

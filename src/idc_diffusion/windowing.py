@@ -11,6 +11,7 @@ than 0..255, so the 8-bit mapping is implemented here.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -94,7 +95,94 @@ def voi_window(center: Any, width: Any) -> tuple[float, float] | None:
 
 
 def invert_if_monochrome1(image: np.ndarray, photometric: str | None) -> np.ndarray:
-    """Invert a uint8 image when PhotometricInterpretation is MONOCHROME1 (low = white)."""
+    """Invert a uint8 image (any shape) when PhotometricInterpretation is MONOCHROME1."""
     if (photometric or "").strip().upper() == "MONOCHROME1":
         return (np.uint8(255) - np.asarray(image, dtype=np.uint8)).astype(np.uint8)
     return np.asarray(image, dtype=np.uint8)
+
+
+@dataclass(frozen=True, eq=False)
+class Lut:
+    """A DICOM lookup table: LUT Descriptor (entries, first mapped value, bits) plus data."""
+
+    first_mapped: int
+    data: np.ndarray  # output value of each entry, in table order
+    bits: int
+
+    def __post_init__(self) -> None:
+        if self.data.ndim != 1 or self.data.size == 0:
+            raise ValueError("LUT data must be a non-empty 1-D array")
+
+
+def lut_from_item(item: Any, signed_input: bool = False) -> Lut:
+    """A :class:`Lut` from a Modality/VOI LUT Sequence item (ValueError when malformed).
+
+    Descriptor value 0 for the entry count means 65536 (PS3.3 C.11.1.1.1); the first mapped
+    value is read as signed when the pixel data is signed. 8-bit tables stored as OW carry
+    one entry per byte when their byte count equals the entry count.
+    """
+    descriptor = [int(v) for v in item.LUTDescriptor]
+    if len(descriptor) != 3:
+        raise ValueError(f"LUTDescriptor needs 3 values, got {descriptor}")
+    entries, first, bits = descriptor
+    entries = entries or 65536
+    if signed_input and first >= 2**15:
+        first -= 2**16
+    raw = item.LUTData
+    if isinstance(raw, bytes):
+        dtype = "u1" if bits <= 8 and len(raw) == entries else "<u2"
+        data = np.frombuffer(raw, dtype=dtype)
+    else:
+        data = np.atleast_1d(np.asarray(raw, dtype=np.float64))
+    if data.size < entries:
+        raise ValueError(f"LUTData has {data.size} entries, LUTDescriptor says {entries}")
+    return Lut(first, np.asarray(data[:entries], dtype=np.float64), bits)
+
+
+def apply_lut(values: np.ndarray, lut: Lut) -> np.ndarray:
+    """Look `values` up in `lut` (below/above its range: first/last entry), as float32."""
+    index = np.rint(np.asarray(values, dtype=np.float64)) - lut.first_mapped
+    index = np.clip(index, 0, lut.data.size - 1).astype(np.intp)
+    return lut.data[index].astype(np.float32)
+
+
+def lut_to_uint8(values: np.ndarray, lut: Lut) -> np.ndarray:
+    """A VOI LUT's output scaled from its range 0..2**bits-1 to uint8 0..255 (rounded)."""
+    top = float(2**lut.bits - 1)
+    out = apply_lut(values, lut).astype(np.float64) / top * UINT8_MAX
+    return np.clip(np.rint(out), 0, UINT8_MAX).astype(np.uint8)
+
+
+def all_values(value: Any) -> list[float]:
+    """Every number of a possibly multi-valued DICOM DS/IS value (invalid entries skipped)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        items: list[Any] = value.split("\\")
+    elif isinstance(value, (Sequence, np.ndarray)):
+        items = list(value)
+    else:
+        items = [value]
+    numbers = [first_value(v) for v in items]
+    return [n for n in numbers if n is not None]
+
+
+def voi_windows(center: Any, width: Any) -> list[tuple[float, float]]:
+    """All usable (center, width) pairs of WindowCenter/WindowWidth (width >= 1)."""
+    pairs = zip(all_values(center), all_values(width), strict=False)
+    return [(c, w) for c, w in pairs if w >= 1]
+
+
+def pick(options: Sequence[Any], index: int) -> tuple[int, Any] | None:
+    """The option at `index` (the last one when there are fewer), with the index used."""
+    if not options:
+        return None
+    used = min(max(index, 0), len(options) - 1)
+    return used, options[used]
+
+
+def composite_to_uint8(values: np.ndarray, windows: Sequence[tuple[float, float]]) -> np.ndarray:
+    """One channel per linear window (e.g. lung, mediastinum, bone): uint8 [rows, cols, 3]."""
+    if len(windows) != 3:
+        raise ValueError(f"an RGB composite needs exactly 3 windows, got {len(windows)}")
+    return np.stack([window_to_uint8(values, c, w) for c, w in windows], axis=-1)
