@@ -1,5 +1,8 @@
 # Checkpoints under results/model/checkpoints/ are not declared as outputs, so Snakemake
 # keeps them when a training job is interrupted and `train.resume: auto` continues there.
+# GPUs come from the resources: `--set-resources train:gpu=4` trains with DDP on 4 GPUs
+# (accelerate launch), `train:nodes=2` on two nodes of a SLURM allocation.
+from idc_diffusion.launch import launch_command  # src/ is on sys.path (common.smk)
 
 
 rule train:
@@ -8,6 +11,8 @@ rule train:
         heldout=rules.dataset.output.val,
         summary=rules.cohort.output.summary,
         citations=rules.cohort.output.citations,
+        # the shared latent cache, when prepare.latent_cache builds one
+        latents=rules.latents.output.index if config["prepare"]["latent_cache"] else [],
     output:
         model_index="results/model/model_index.json",
         card=report("results/model/model_card.md", category="Model"),
@@ -16,6 +21,9 @@ rule train:
     params:
         settings=section("train"),
         run_name=config["run_name"],
+        launch=lambda wildcards, resources: launch_command(
+            int(resources.gpu), int(getattr(resources, "nodes", 1))
+        ),
     log:
         "logs/train/train.log",
     benchmark:
@@ -25,7 +33,8 @@ rule train:
     threads: 4
     resources:
         gpu=1,
+        nodes=1,
     shell:
-        "python -m idc_diffusion train --settings {params.settings} --run-name {params.run_name}"
+        "{params.launch} train --settings {params.settings} --run-name {params.run_name}"
         " --dataset-dir $(dirname {input.train}) --cohort-dir $(dirname {input.summary})"
-        " --out-dir $(dirname {output.model_index}) > {log} 2>&1"
+        " --latent-dir results/latents --out-dir $(dirname {output.model_index}) > {log} 2>&1"

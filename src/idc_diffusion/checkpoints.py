@@ -1,4 +1,5 @@
-"""Training checkpoints: save (accelerate state + a small JSON), find, prune, fingerprint.
+"""Training checkpoints: save (accelerate state + a small JSON), find, prune, fingerprint;
+and the stop signals (SLURM preemption, time limits) that ask for one.
 
 ``out_dir/checkpoints/checkpoint-<step>/`` holds ``accelerator.save_state`` output and
 ``checkpoint.json`` (step, settings fingerprint, seconds so far). A checkpoint is complete
@@ -11,6 +12,8 @@ import hashlib
 import json
 import logging
 import shutil
+import signal
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,8 +24,19 @@ INFO = "checkpoint.json"
 PREFIX = "checkpoint-"
 # Settings that never change the training trajectory.
 UNFINGERPRINTED = frozenset(
-    {"resume", "dataloader_workers", "checkpoints_total_limit", "checkpointing_steps"}
+    {
+        "resume",
+        "dataloader_workers",
+        "checkpoints_total_limit",
+        "checkpointing_steps",
+        "validation_steps",
+        "validation_prompts",
+        "validation_images_per_prompt",
+        "validation_inference_steps",
+        "validation_guidance_scale",
+    }
 )
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # Schedules whose learning rate at step k does not depend on max_steps.
 STEP_FREE_SCHEDULES = frozenset({"constant", "constant_with_warmup"})
 
@@ -102,3 +116,31 @@ def prune_checkpoints(root: Path, keep: int) -> None:
     for _, folder, _ in complete[: max(0, len(complete) - keep)]:
         log.info("removing old checkpoint %s", folder.name)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+class StopSignals:
+    """Within the block, SIGTERM and SIGUSR1 only record themselves in ``signum``.
+
+    The training loop polls ``signum`` after each step, writes a checkpoint and stops, so
+    a preempted or time-limited SLURM job (``--signal=USR1@300``, or the SIGTERM before
+    the kill) loses no finished step. Outside the main thread nothing is installed.
+    """
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def _record(self, signum: int, frame: object) -> None:
+        log.warning("received signal %d: checkpointing after the current step", signum)
+        self.signum = signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

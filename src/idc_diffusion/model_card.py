@@ -2,8 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+
+def is_non_commercial(license_name: str) -> bool:
+    """True for licenses that forbid commercial use (CC BY-NC*, TCIA restricted, ...)."""
+    text = license_name.upper().replace("_", "-")
+    return "NC" in text.replace("-", " ").split() or "-NC" in text or "NON-COMMERCIAL" in text
+
+
+def weights_license(licenses: Iterable[str]) -> str:
+    """The terms the fine-tuned weights inherit from their training data's licenses."""
+    names = sorted(set(licenses))
+    if not names:
+        return "unknown (no license information): do not redistribute until checked"
+    restrictive = [n for n in names if is_non_commercial(n)]
+    if restrictive:
+        return (
+            f"non-commercial use only: trained on data under {', '.join(restrictive)}; the "
+            "weights and their outputs inherit the most restrictive license"
+        )
+    return (
+        f"inherits {', '.join(names)}: attribution required (cite the sources in CITATIONS.md); "
+        "commercial use as far as these licenses and the base model's license allow"
+    )
 
 
 def _fmt(value: Any) -> str:
@@ -23,6 +46,12 @@ def render_model_card(
     sources = [source] if isinstance(source, str) else sorted(map(str, source))
     pixel_source = ", ".join(sources) or "unknown"
     licenses = cohort.get("licenses") or {}
+    collections = provenance.get("collections") or cohort.get("collections") or {}
+    mode = summary.get("mode", "full")
+    trained = "LoRA adapters on the UNet attention" if mode == "lora" else "the whole UNet"
+    if summary.get("train_text_encoder"):
+        trained += " and the text encoder" + (" (LoRA)" if mode == "lora" else "")
+    frozen = "VAE frozen" if summary.get("train_text_encoder") else "VAE and text encoder frozen"
     lines = [f"# {provenance.get('run_name') or 'IDC-Diffusion'}: fine-tuned Stable Diffusion", ""]
     if sources != ["idc"]:
         lines += [
@@ -36,7 +65,16 @@ def render_model_card(
         "",
         f"- Base model: `{summary['base_model']}`"
         + (f" (revision `{settings.get('revision')}`)" if settings.get("revision") else ""),
-        "- Fine-tuned: the UNet only (VAE and text encoder frozen)",
+        f"- Fine-tuned: {trained} ({frozen})"
+        + ("; saved weights are the EMA of the trained weights" if summary.get("ema") else ""),
+        *(
+            [
+                "- LoRA adapters alone: `pytorch_lora_weights.safetensors` "
+                "(`pipeline.load_lora_weights(folder)` on the base model); fused in this pipeline"
+            ]
+            if mode == "lora"
+            else []
+        ),
         f"- Prediction type: `{summary['prediction_type']}`; resolution {summary['resolution']} px",
         "",
         "## Data",
@@ -47,6 +85,9 @@ def render_model_card(
         f" (idc-index-data {_fmt(cohort.get('idc_index_data_version'))})",
         "- Licenses of the training series: "
         + (", ".join(f"{k} ({v} series)" for k, v in sorted(licenses.items())) or "unknown"),
+        "- Collections: "
+        + (", ".join(f"{k} ({v} series)" for k, v in sorted(collections.items())) or "unknown"),
+        f"- **License of these weights**: {weights_license(licenses)}",
         f"- Cite: see `{provenance.get('citations_path') or 'results/cohort/CITATIONS.md'}` "
         "(each collection's source DOI, IDC and TCIA)",
         "",
@@ -57,7 +98,9 @@ def render_model_card(
         f"- Seed: {summary['seed']}; tiny-model seed: {settings.get('tiny_seed')}",
         f"- Held-out loss (same images, noise and timesteps): base "
         f"{_fmt(summary['heldout_loss_base'])} -> fine-tuned {_fmt(summary['heldout_loss_final'])}",
-        f"- Training time: {_fmt(summary['seconds'])} s",
+        f"- Training time (wall): {_fmt(summary['seconds'])} s on "
+        f"{summary.get('hardware', 'n/a')} (mixed precision: "
+        f"{summary.get('mixed_precision', settings.get('mixed_precision'))})",
         "",
         "| hyperparameter | value |",
         "|---|---|",

@@ -84,6 +84,12 @@ def load_images(paths: Sequence[Path]) -> torch.Tensor:
     return torch.stack([load_image(p) for p in paths])
 
 
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from a tuple of integers (well mixed by numpy's SeedSequence)."""
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
+
+
 def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
     """Caption token ids, padded/truncated to the tokenizer's model_max_length."""
     return tokenizer(
@@ -164,7 +170,18 @@ class CaptionedImages(torch.utils.data.Dataset):
 
 
 def make_loader(
-    dataset: CaptionedImages, stream: BatchStream, workers: int = 0
+    dataset: torch.utils.data.Dataset, stream: BatchStream, workers: int = 0
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader over `stream`'s batches (no shuffling of its own)."""
-    return torch.utils.data.DataLoader(dataset, batch_sampler=stream, num_workers=workers)
+    """A DataLoader over `stream`'s batches (no shuffling of its own).
+
+    With workers, each keeps 4 batches ready and, on a GPU machine, in pinned memory, so
+    decoding PNGs (or reading cached latents) overlaps the GPU's step.
+    """
+    extra = {"prefetch_factor": 4} if workers else {}
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=stream,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        **extra,
+    )

@@ -1,32 +1,39 @@
-"""Fine-tune a Stable Diffusion UNet on the imagefolder dataset (diffusers + accelerate).
+"""Fine-tune Stable Diffusion 2.x on the imagefolder dataset (diffusers + accelerate).
 
-The recipe of diffusers' ``train_text_to_image.py`` in small parts: the VAE and the text
-encoder are frozen, latents are re-encoded every step, the UNet learns the scheduler's
-prediction target (epsilon or v) under MSE with AdamW. Added: a deterministic, resumable
-data and noise order (a resumed run equals an uninterrupted one), settings-fingerprinted
-checkpoints, and a held-out loss of the base and the fine-tuned UNet on the same images,
-noise and timesteps.
+The recipe of diffusers' ``train_text_to_image.py`` in small parts, plus what a long run on
+a cluster needs: full UNet or LoRA fine-tuning (optionally the text encoder too, with its
+own learning rate), the target of the scheduler's prediction type (epsilon or v),
+Min-SNR-γ weighting, offset noise, caption dropout, EMA, gradient checkpointing, fp16/bf16,
+8-bit Adam; latents from a latent cache instead of encoding every step; a deterministic,
+resumable data and noise order (a resumed run equals an uninterrupted one);
+settings-fingerprinted checkpoints every N steps and on SIGTERM/SIGUSR1; a stop with the
+step named on a non-finite loss; held-out loss and a seeded prompt grid every N steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import shutil
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 
 from idc_diffusion import checkpoints as ckpt
+from idc_diffusion import latent_cache
+from idc_diffusion.attention import configure_attention
+from idc_diffusion.ema import EMA
+from idc_diffusion.loss_weighting import min_snr_weights, offset_noise, snr, weighted_mse
 from idc_diffusion.model_card import render_model_card
 from idc_diffusion.models import TINY, load_base_pipeline
 from idc_diffusion.train_data import (
@@ -38,6 +45,7 @@ from idc_diffusion.train_data import (
     load_images,
     make_loader,
     read_split,
+    seeded_generator,
     split_fingerprint,
     tokenize,
 )
@@ -50,14 +58,48 @@ CARD_NAME = "model_card.md"
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LOG_EVERY = 10
 
+# Options added after the first release; their defaults keep the original behaviour.
+DEFAULTS: dict[str, Any] = {
+    "mode": "full",
+    "lora_rank": 16,
+    "lora_alpha": 16,
+    "train_text_encoder": False,
+    "text_encoder_learning_rate": None,
+    "min_snr_gamma": None,
+    "noise_offset": 0.0,
+    "caption_dropout": 0.0,
+    "random_flip": False,
+    "ema_decay": None,
+    "gradient_checkpointing": False,
+    "attention": "sdpa",
+    "optimizer": "adamw",
+    "use_latent_cache": False,
+    "validation_steps": 0,
+    "validation_prompts": [],
+    "validation_images_per_prompt": 2,
+    "validation_inference_steps": 20,
+    "validation_guidance_scale": 4.0,
+}
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite; nothing after the last checkpoint is kept."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """A SIGTERM/SIGUSR1 stopped training after a checkpoint was written."""
+
+    def __init__(self, signum: int, step: int, folder: Path) -> None:
+        super().__init__(f"signal {signum}: stopped after step {step}, checkpoint {folder}")
+        self.signum, self.step, self.folder = signum, step, folder
+
+
+def with_defaults(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The train settings with every option present (DEFAULTS for the missing ones)."""
+    return {**DEFAULTS, **settings}
+
 
 # --------------------------------------------------------------------------- diffusion loss
-
-
-def seeded_generator(*keys: int) -> torch.Generator:
-    """A CPU generator seeded from a tuple of integers (well mixed by numpy's SeedSequence)."""
-    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
 
 
 def prediction_target(
@@ -91,6 +133,82 @@ def draw_noise(
     return eps, noise, timesteps
 
 
+@dataclass
+class Draws:
+    """Every random choice of one micro-batch (CPU tensors); the options' extras are None
+    when the option is off, so enabling one never changes the draws before it."""
+
+    eps: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    offsets: torch.Tensor | None = None  # [N, C] offset-noise directions
+    drop: torch.Tensor | None = None  # [N] bool: caption replaced by ""
+    flip: torch.Tensor | None = None  # [N] bool: mirrored left-right
+
+
+def draw_batch(
+    generator: torch.Generator,
+    count: int,
+    shape: tuple[int, int, int],
+    num_timesteps: int,
+    settings: Mapping[str, Any],
+) -> Draws:
+    """draw_noise, then the extras of noise_offset, caption_dropout and random_flip."""
+    draws = Draws(*draw_noise(generator, count, shape, num_timesteps))
+    if settings["noise_offset"]:
+        draws.offsets = torch.randn((count, shape[0]), generator=generator)
+    if settings["caption_dropout"]:
+        draws.drop = torch.rand(count, generator=generator) < settings["caption_dropout"]
+    if settings["random_flip"]:
+        draws.flip = torch.rand(count, generator=generator) < 0.5
+    return draws
+
+
+def sample_latents(
+    mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """A VAE posterior sample ``mean + std * eps``, times the VAE scaling factor."""
+    return (mean + std * eps.to(mean)) * scaling
+
+
+@torch.no_grad()
+def encode_batch(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior's mean and std of a pixel batch (in the VAE's dtype)."""
+    posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
+    return posterior.mean, posterior.std
+
+
+def flipped(x: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:
+    """`x` with the samples marked in `flip` mirrored along the width."""
+    if flip is None:
+        return x
+    return torch.where(flip.to(x.device).view(-1, *([1] * (x.ndim - 1))), x.flip(-1), x)
+
+
+def denoising_loss(
+    unet: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    hidden: torch.Tensor,
+    min_snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """Per-sample MSE of the UNet's prediction against the scheduler's target.
+
+    With `min_snr_gamma`, each sample is weighted by Min-SNR-γ for the prediction type.
+    """
+    with torch.no_grad():
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = prediction_target(scheduler, latents, noise, timesteps)
+    pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
+    weights = None
+    if min_snr_gamma:
+        snr_t = snr(scheduler.alphas_cumprod, timesteps)
+        weights = min_snr_weights(snr_t, min_snr_gamma, scheduler.config.prediction_type)
+    return weighted_mse(pred, target, weights)
+
+
 def diffusion_loss(
     unet: torch.nn.Module,
     vae: torch.nn.Module,
@@ -101,23 +219,68 @@ def diffusion_loss(
     draws: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """The denoising MSE of `unet` on one batch, given its noise `draws` (see draw_noise).
+    """The denoising MSE of `unet` on one pixel batch, given its noise `draws` (draw_noise).
 
     Latents are a VAE posterior sample times the VAE's scaling factor; the noise lands on
     the batch's device, so the same draws give the same loss on any device.
     """
-    device, dtype = pixel_values.device, vae.dtype
+    device = pixel_values.device
     eps, noise, timesteps = (t.to(device) for t in draws)
+    mean, std = encode_batch(vae, pixel_values)
+    latents = sample_latents(mean, std, eps, vae.config.scaling_factor)
     with torch.no_grad():
-        posterior = vae.encode(pixel_values.to(dtype)).latent_dist
-        latents = (posterior.mean + posterior.std * eps.to(dtype)) * vae.config.scaling_factor
-        noise = noise.to(dtype)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = prediction_target(scheduler, latents, noise, timesteps)
         hidden = text_encoder(input_ids.to(device), return_dict=False)[0]
-    pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    loss = denoising_loss(unet, scheduler, latents, noise.to(latents.dtype), timesteps, hidden)
     return loss.mean() if reduction == "mean" else loss
+
+
+def heldout_loss_from_moments(
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    tokenizer: Any,
+    scheduler: DDPMScheduler,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    captions: Sequence[str],
+    seed: int,
+    scaling: float,
+    batch_size: int = 8,
+) -> float:
+    """Mean (unweighted) denoising loss of held-out latent moments, with fixed draws.
+
+    Image i's noise and timestep come from a generator seeded by (seed, i), so two UNets
+    evaluated with the same arguments see identical latents, noise and timesteps, whatever
+    the batch size.
+    """
+    if len(mean) == 0:
+        return float("nan")
+    shape, steps = tuple(mean.shape[1:]), scheduler.config.num_train_timesteps
+    per_image = [
+        draw_noise(seeded_generator(seed, 0xE7A1, i), 1, shape, steps) for i in range(len(mean))
+    ]
+    input_ids = tokenize(tokenizer, captions)
+    device = next(unet.parameters()).device
+    was_training = unet.training
+    unet.eval()
+    total = 0.0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(mean), batch_size):
+                chunk = slice(start, start + batch_size)
+                eps, noise, timesteps = (
+                    torch.cat(parts).to(device) for parts in zip(*per_image[chunk], strict=True)
+                )
+                latents = sample_latents(
+                    mean[chunk].to(device), std[chunk].to(device), eps, scaling
+                )
+                hidden = text_encoder(input_ids[chunk].to(device), return_dict=False)[0]
+                losses = denoising_loss(
+                    unet, scheduler, latents, noise.to(latents.dtype), timesteps, hidden
+                )
+                total += float(losses.sum())
+    finally:
+        unet.train(was_training)
+    return total / len(mean)
 
 
 def heldout_loss(
@@ -131,40 +294,36 @@ def heldout_loss(
     seed: int,
     batch_size: int = 8,
 ) -> float:
-    """Mean denoising loss on `images` with fixed noise and timesteps.
-
-    Image i's noise and timestep come from a generator seeded by (seed, i), so two UNets
-    evaluated with the same arguments see identical latents, noise and timesteps, whatever
-    the batch size.
-    """
+    """heldout_loss_from_moments of `images` ([N, 3, H, W] in [-1, 1]) encoded by `vae`."""
     if len(images) == 0:
         return float("nan")
-    shape = latent_shape(vae, images.shape[-1])
-    steps = scheduler.config.num_train_timesteps
-    per_image = [
-        draw_noise(seeded_generator(seed, 0xE7A1, i), 1, shape, steps) for i in range(len(images))
-    ]
-    input_ids = tokenize(tokenizer, captions)
-    device = next(unet.parameters()).device
-    was_training = unet.training
-    unet.eval()
-    total = 0.0
-    try:
-        with torch.no_grad():
-            for start in range(0, len(images), batch_size):
-                chunk = slice(start, start + batch_size)
-                draws = tuple(torch.cat(parts) for parts in zip(*per_image[chunk], strict=True))
-                losses = diffusion_loss(
-                    unet, vae, text_encoder, scheduler,
-                    images[chunk].to(device), input_ids[chunk], draws, reduction="none",
-                )  # fmt: skip
-                total += float(losses.sum())
-    finally:
-        unet.train(was_training)
-    return total / len(images)
+    mean, std = latent_cache.encode_moments(vae, images, batch_size)
+    return heldout_loss_from_moments(
+        unet, text_encoder, tokenizer, scheduler, mean, std, captions, seed,
+        vae.config.scaling_factor, batch_size,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- setup helpers
+
+
+def check_settings(settings: Mapping[str, Any]) -> None:
+    """Fail before any model is loaded on options that cannot work here."""
+    if settings["mode"] not in ("full", "lora"):
+        raise ValueError(f"train.mode must be 'full' or 'lora', got {settings['mode']!r}")
+    if settings["optimizer"] == "adamw_8bit":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise ValueError(
+                "train.optimizer 'adamw_8bit' needs bitsandbytes, which is not importable "
+                "here; install it (pip install bitsandbytes, CUDA only) or set "
+                "train.optimizer: adamw"
+            ) from exc
+    elif settings["optimizer"] != "adamw":
+        raise ValueError(f"train.optimizer must be adamw or adamw_8bit: {settings['optimizer']!r}")
+    if settings["validation_steps"] and not settings["validation_prompts"]:
+        log.info("train.validation_steps set without validation_prompts: held-out loss only")
 
 
 def load_splits(settings: Mapping[str, Any], data_dir: Path) -> tuple[Split, Split, int]:
@@ -202,6 +361,108 @@ def make_lr_scheduler(settings: Mapping[str, Any], optimizer, num_processes: int
     )
 
 
+def make_optimizer(settings: Mapping[str, Any], groups: list[dict]) -> torch.optim.Optimizer:
+    """AdamW (torch) or 8-bit AdamW (bitsandbytes) over parameter groups with their own lr."""
+    kind = torch.optim.AdamW
+    if settings["optimizer"] == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        kind = bnb.optim.AdamW8bit
+    return kind(
+        groups,
+        lr=settings["learning_rate"],
+        betas=(settings["adam_beta1"], settings["adam_beta2"]),
+        weight_decay=settings["adam_weight_decay"],
+        eps=settings["adam_epsilon"],
+    )
+
+
+def trainable_parameters(
+    settings: Mapping[str, Any], unet: torch.nn.Module, text_encoder: torch.nn.Module
+) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """Set up the mode (full or LoRA adapters); returns the UNet's and text encoder's
+    trainable parameters (the latter empty unless train_text_encoder)."""
+    train_text = settings["train_text_encoder"]
+    if settings["mode"] == "lora":
+        from idc_diffusion.lora import add_lora
+
+        add_lora(unet, settings["lora_rank"], settings["lora_alpha"])
+        if train_text:
+            add_lora(text_encoder, settings["lora_rank"], settings["lora_alpha"], text=True)
+        else:
+            text_encoder.requires_grad_(False)
+    else:
+        unet.requires_grad_(True)
+        text_encoder.requires_grad_(train_text)
+    unet_params = [p for p in unet.parameters() if p.requires_grad]
+    text_params = [p for p in text_encoder.parameters() if p.requires_grad] if train_text else []
+    return unet_params, text_params
+
+
+def place_models(
+    settings: Mapping[str, Any],
+    parts: Mapping[str, torch.nn.Module],
+    device: torch.device,
+    weight_dtype: torch.dtype,
+) -> None:
+    """Frozen weights in the mixed-precision dtype, trainable ones in float32, all on device.
+
+    A LoRA UNet keeps its frozen base in bf16 under bf16 but float32 under fp16, where
+    the upcast attention needs float32 weights.
+    """
+    vae, unet, text_encoder = parts["vae"], parts["unet"], parts["text_encoder"]
+    _move(vae.requires_grad_(False).eval(), device, weight_dtype)
+    if not settings["train_text_encoder"]:
+        _move(text_encoder.eval(), device, weight_dtype)
+    elif settings["mode"] == "lora":
+        _move(text_encoder, device, weight_dtype)
+    else:
+        text_encoder.train().to(device)
+    lora_bf16 = settings["mode"] == "lora" and weight_dtype == torch.bfloat16
+    _move(unet, device, weight_dtype if lora_bf16 else torch.float32)
+    for model in (unet, text_encoder):
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    if settings["gradient_checkpointing"]:
+        unet.enable_gradient_checkpointing()
+        if settings["train_text_encoder"]:
+            text_encoder.gradient_checkpointing_enable()
+
+
+def _move(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move to `device`, casting only when the dtype differs (diffusers warns on casts)."""
+    model.to(device) if model.dtype == dtype else model.to(device, dtype)
+
+
+def ensure_latent_cache(
+    accelerator: Accelerator,
+    shared: Path | None,
+    own: Path,
+    vae: torch.nn.Module,
+    vae_print: str,
+    splits: Sequence[Split],
+    resolution: int,
+) -> Path:
+    """A latent cache serving `splits`: `shared` (e.g. results/latents) when it fits,
+    else train's own cache under the model folder, built now when missing or stale."""
+    splits = [s for s in splits if len(s)]
+    for root in (shared, own):
+        if root is None:
+            continue
+        problems = [latent_cache.cache_problem(root, s, vae_print, resolution) for s in splits]
+        problems = [p for p in problems if p]
+        if not problems:
+            log.info("latent cache: %s", root)
+            return root
+        log.info("latent cache %s not used: %s", root, "; ".join(problems))
+    if accelerator.is_main_process:
+        log.info("encoding %d images into the latent cache %s", sum(map(len, splits)), own)
+        latent_cache.write_latent_cache(own, vae, splits)
+    accelerator.wait_for_everyone()
+    return own
+
+
 def resume_point(
     settings: Mapping[str, Any], root: Path, print_: str, cleanup: bool = True
 ) -> tuple[int, Path, dict] | None:
@@ -227,15 +488,127 @@ def restore_log(path: Path, checkpoint: Path | None) -> None:
         path.write_text("", encoding="utf-8")
 
 
+def open_tensorboard(folder: Path):
+    """A TensorBoard SummaryWriter when tensorboard is importable, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))
+
+
+def hardware(accelerator: Accelerator) -> str:
+    """The devices training ran on, e.g. '4 x NVIDIA H100 80GB HBM3' or '1 x cpu'."""
+    device = accelerator.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"{accelerator.num_processes} x {name}"
+
+
 # --------------------------------------------------------------------------- training
 
 
-def train(settings: dict, data_dir: Path, out_dir: Path, provenance: dict) -> dict:
-    """Fine-tune the base model's UNet; write the pipeline, log, summary and card to out_dir.
+def batch_loss(
+    batch: Mapping[str, torch.Tensor],
+    draws: Draws,
+    parts: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    device: torch.device,
+) -> torch.Tensor:
+    """Mean training loss of one micro-batch: cached moments or pixels encoded now."""
+    vae, scheduler = parts["vae"], parts["scheduler"]
+    eps, noise, timesteps = (t.to(device) for t in (draws.eps, draws.noise, draws.timesteps))
+    if "mean" in batch:
+        mean = flipped(batch["mean"].to(device), draws.flip)
+        std = flipped(batch["std"].to(device), draws.flip)
+    else:
+        mean, std = encode_batch(vae, flipped(batch["pixel_values"].to(device), draws.flip))
+    latents = sample_latents(mean, std, eps, vae.config.scaling_factor)
+    if draws.offsets is not None:
+        noise = offset_noise(noise, draws.offsets.to(device), settings["noise_offset"])
+    input_ids = batch["input_ids"]
+    if draws.drop is not None:
+        input_ids = torch.where(draws.drop[:, None], parts["empty_ids"], input_ids)
+    with torch.set_grad_enabled(settings["train_text_encoder"]):
+        hidden = parts["text_encoder"](input_ids.to(device), return_dict=False)[0]
+    losses = denoising_loss(
+        parts["unet"], scheduler, latents, noise.to(latents.dtype), timesteps, hidden,
+        settings["min_snr_gamma"],
+    )  # fmt: skip
+    return losses.mean()
 
-    Returns the train summary (also written to ``out_dir/train_summary.json``).
+
+@dataclass
+class Stepper:
+    """One optimizer step of the training loop: `accumulation` micro-batches, each with
+    draws seeded by (seed, micro-batch index, process), then the EMA update. The
+    benchmarks drive the same object."""
+
+    accelerator: Accelerator
+    parts: dict[str, Any]
+    settings: Mapping[str, Any]
+    optimizer: Any
+    lr_scheduler: Any
+    trained: list[torch.nn.Module]
+    clip_params: list[torch.nn.Parameter]
+    shape: tuple[int, int, int]
+    ema: EMA | None = None
+    checkpoints: Path | None = None
+
+    def __call__(self, batches: Any, step: int) -> list[float]:
+        """Run optimizer step `step` (0-based) on the next batches; the micro-batch losses."""
+        acc, settings = self.accelerator, self.settings
+        accumulation = settings["gradient_accumulation_steps"]
+        num_timesteps = self.parts["scheduler"].config.num_train_timesteps
+        losses = []
+        for micro in range(accumulation):
+            batch = next(batches)
+            index = step * accumulation + micro
+            generator = seeded_generator(settings["seed"], index, acc.process_index)
+            count = len(batch["input_ids"])
+            draws = draw_batch(generator, count, self.shape, num_timesteps, settings)
+            with acc.accumulate(*self.trained), acc.autocast():
+                loss = batch_loss(batch, draws, self.parts, settings, acc.device)
+                value = float(acc.gather(loss.detach()).mean())
+                if not math.isfinite(value):
+                    raise NonFiniteLoss(
+                        non_finite_message(value, step + 1, micro, self.checkpoints)
+                    )
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(self.clip_params, settings["max_grad_norm"])
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad()
+            losses.append(value)
+        if self.ema is not None:
+            self.ema.update()
+        return losses
+
+
+def stop_signal(accelerator: Accelerator, signals: ckpt.StopSignals) -> int:
+    """The stop signal any process received (0: none); every process gets the same answer."""
+    flag = torch.tensor([signals.signum], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum")
+    return int(flag.max())
+
+
+def train(
+    settings: dict,
+    data_dir: Path,
+    out_dir: Path,
+    provenance: dict,
+    latent_dir: Path | None = None,
+) -> dict:
+    """Fine-tune the base model; write the pipeline, log, summary and card to out_dir.
+
+    `latent_dir` is a shared latent cache tried first when ``use_latent_cache`` is on.
+    Returns the train summary (also written to ``out_dir/train_summary.json``). Raises
+    NonFiniteLoss on a NaN/inf loss and TrainingInterrupted after SIGTERM/SIGUSR1.
     """
     started = time.perf_counter()
+    settings = with_defaults(settings)
+    check_settings(settings)
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     train_split, heldout, resolution = load_splits(settings, data_dir)
     seed, accumulation = settings["seed"], settings["gradient_accumulation_steps"]
@@ -262,37 +635,83 @@ def train(settings: dict, data_dir: Path, out_dir: Path, provenance: dict) -> di
         accelerator.mixed_precision, torch.float32
     )
     device = accelerator.device
-    for frozen in (vae, text_encoder):
-        frozen.requires_grad_(False).eval()
-        frozen.to(device) if weight_dtype == frozen.dtype else frozen.to(device, weight_dtype)
-    unet.to(device)
+    vae_print = latent_cache.vae_fingerprint(vae) if settings["use_latent_cache"] else ""
+    attention = configure_attention(unet, settings["attention"], accelerator.mixed_precision)
+    unet_params, text_params = trainable_parameters(settings, unet, text_encoder)
+    parts = {"vae": vae, "unet": unet, "text_encoder": text_encoder}
+    place_models(settings, parts, device, weight_dtype)
 
-    heldout_images = load_images(heldout.paths) if len(heldout) else torch.empty(0)
+    input_ids = tokenize(tokenizer, train_split.captions)
+    cache_root = None
+    if settings["use_latent_cache"]:
+        own = out_dir / "latent_cache"
+        splits = [train_split, heldout]
+        cache_root = ensure_latent_cache(
+            accelerator, latent_dir, own, vae, vae_print, splits, resolution
+        )
+        dataset = latent_cache.CachedLatents(cache_root, train_split, input_ids)
+    else:
+        dataset = CaptionedImages(train_split, input_ids)
+    heldout_moments = None
+    if len(heldout) and cache_root is not None:
+        heldout_ids = tokenize(tokenizer, heldout.captions)
+        heldout_moments = latent_cache.CachedLatents(cache_root, heldout, heldout_ids).all_moments()
+    elif len(heldout):
+        heldout_moments = latent_cache.encode_moments(vae, load_images(heldout.paths))
 
-    def evaluate(model: torch.nn.Module) -> float | None:
-        if not len(heldout):
-            return None
-        with accelerator.autocast():
-            value = heldout_loss(
-                model, vae, text_encoder, tokenizer, scheduler,
-                heldout_images, heldout.captions, seed,
-            )  # fmt: skip
-        return value
-
-    loss_base = evaluate(unet)
-    log.info("held-out loss of the base UNet (%s, %d images): %s", heldout.name, len(heldout),
-             loss_base)  # fmt: skip
-
-    unet.train()
-    optimizer = torch.optim.AdamW(
-        unet.parameters(),
-        lr=settings["learning_rate"],
-        betas=(settings["adam_beta1"], settings["adam_beta2"]),
-        weight_decay=settings["adam_weight_decay"],
-        eps=settings["adam_epsilon"],
-    )
+    groups = [{"params": unet_params, "lr": settings["learning_rate"]}]
+    if text_params:
+        text_lr = settings["text_encoder_learning_rate"] or settings["learning_rate"]
+        groups.append({"params": text_params, "lr": text_lr})
+    optimizer = make_optimizer(settings, groups)
     lr_scheduler = make_lr_scheduler(settings, optimizer, accelerator.num_processes)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    if text_params:
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(
+            unet, text_encoder, optimizer, lr_scheduler
+        )
+    else:
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    ema = EMA(unet_params, settings["ema_decay"]) if settings["ema_decay"] else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    parts.update(unet=unet, text_encoder=text_encoder, scheduler=scheduler)
+    parts["empty_ids"] = tokenize(tokenizer, [""])[0]
+    trained = [unet, text_encoder] if text_params else [unet]
+    clip_params = unet_params + text_params
+
+    def evaluate() -> float | None:
+        """Held-out loss of the current weights (the EMA weights when EMA is on)."""
+        if heldout_moments is None:
+            return None
+        model, encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+        with ema.swapped() if ema is not None else contextlib.nullcontext(), accelerator.autocast():
+            return heldout_loss_from_moments(
+                model, encoder, tokenizer, scheduler, *heldout_moments, heldout.captions,
+                seed, vae.config.scaling_factor,
+            )  # fmt: skip
+
+    def render(step: int) -> None:
+        if not settings["validation_prompts"]:
+            return
+        from idc_diffusion.validation import save_validation_grid
+
+        view = SimpleNamespace(
+            unet=accelerator.unwrap_model(unet), vae=vae, tokenizer=tokenizer,
+            text_encoder=accelerator.unwrap_model(text_encoder), scheduler=pipeline.scheduler,
+        )  # fmt: skip
+        with ema.swapped() if ema is not None else contextlib.nullcontext(), accelerator.autocast():
+            path = save_validation_grid(
+                view, settings["validation_prompts"], out_dir, step,
+                settings["validation_images_per_prompt"], seed,
+                settings["validation_inference_steps"], settings["validation_guidance_scale"],
+            )  # fmt: skip
+        log.info("validation images: %s", path)
+
+    loss_base = None
+    if accelerator.is_main_process:
+        loss_base = evaluate()
+        log.info("held-out loss of the base model (%s, %d images): %s", heldout.name,
+                 len(heldout), loss_base)  # fmt: skip
 
     root = out_dir / "checkpoints"
     print_ = ckpt.fingerprint(
@@ -309,12 +728,21 @@ def train(settings: dict, data_dir: Path, out_dir: Path, provenance: dict) -> di
         seconds_before = float(info.get("seconds", 0.0))
         log.info("resuming from %s (step %d)", folder.name, start_step)
     log_path = out_dir / LOG_NAME
+    board = None
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         restore_log(log_path, folder)
+        board = open_tensorboard(out_dir / "tensorboard")
 
-    input_ids = tokenize(tokenizer, train_split.captions)
     batch_size = settings["train_batch_size"]
+    effective = batch_size * accelerator.num_processes * accumulation
+    log.info(
+        "mode %s%s, attention %s, precision %s; effective batch %d = %d per device x %d "
+        "devices x %d accumulation; TensorBoard: %s",
+        settings["mode"], " + text encoder" if text_params else "", attention,
+        accelerator.mixed_precision, effective, batch_size, accelerator.num_processes,
+        accumulation, "on" if board else "off (tensorboard not importable)",
+    )  # fmt: skip
     stream = BatchStream(
         len(train_split),
         batch_size,
@@ -323,100 +751,140 @@ def train(settings: dict, data_dir: Path, out_dir: Path, provenance: dict) -> di
         process_index=accelerator.process_index,
         num_processes=accelerator.num_processes,
     )
-    batches = iter(
-        make_loader(CaptionedImages(train_split, input_ids), stream, settings["dataloader_workers"])
-    )
+    batches = iter(make_loader(dataset, stream, settings["dataloader_workers"]))
 
-    shape = latent_shape(vae, resolution)
-    num_timesteps = scheduler.config.num_train_timesteps
+    stepper = Stepper(
+        accelerator, parts, settings, optimizer, lr_scheduler, trained, clip_params,
+        latent_shape(vae, resolution), ema, root,
+    )  # fmt: skip
     loop_start = time.perf_counter()
     tick = (loop_start, start_step)
-    for step in range(start_step, settings["max_steps"]):
-        losses = []
-        for micro in range(accumulation):
-            batch = next(batches)
-            index = step * accumulation + micro
-            pixels = batch["pixel_values"].to(device)
-            generator = seeded_generator(seed, index, accelerator.process_index)
-            draws = draw_noise(generator, len(pixels), shape, num_timesteps)
-            with accelerator.accumulate(unet), accelerator.autocast():
-                loss = diffusion_loss(
-                    unet, vae, text_encoder, scheduler,
-                    pixels, batch["input_ids"], draws,
-                )  # fmt: skip
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(unet.parameters(), settings["max_grad_norm"])
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            losses.append(float(accelerator.gather(loss.detach()).mean()))
-        done = step + 1
-        seconds = seconds_before + time.perf_counter() - loop_start
-        record = {
-            "step": done,
-            "epoch": epoch_of(len(train_split), batch_size * accelerator.num_processes,
-                              step * accumulation),
-            "loss": sum(losses) / len(losses),
-            "lr": lr_scheduler.get_last_lr()[0],
-            "seconds": round(seconds, 3),
-        }  # fmt: skip
-        if accelerator.is_main_process:
-            with log_path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-        if done % LOG_EVERY == 0 or done == settings["max_steps"]:
-            rate = (done - tick[1]) / max(time.perf_counter() - tick[0], 1e-9)
-            tick = (time.perf_counter(), done)
-            log.info("step %d/%d loss %.4f lr %.3g %.2f it/s", done, settings["max_steps"],
-                     record["loss"], record["lr"], rate)  # fmt: skip
-        if done % settings["checkpointing_steps"] == 0 or done == settings["max_steps"]:
-            accelerator.wait_for_everyone()
+    max_steps, validation_steps = settings["max_steps"], settings["validation_steps"]
+    with ckpt.StopSignals() as signals:
+        for step in range(start_step, max_steps):
+            losses = stepper(batches, step)
+            done = step + 1
+            seconds = seconds_before + time.perf_counter() - loop_start
+            record = {
+                "step": done,
+                "epoch": epoch_of(len(train_split), batch_size * accelerator.num_processes,
+                                  step * accumulation),
+                "loss": sum(losses) / len(losses),
+                "lr": lr_scheduler.get_last_lr()[0],
+                "seconds": round(seconds, 3),
+            }  # fmt: skip
+            if validation_steps and (done % validation_steps == 0 or done == max_steps):
+                if accelerator.is_main_process:
+                    record["val_loss"] = evaluate()
+                    render(done)
+                accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                folder = ckpt.save_checkpoint(
-                    accelerator, root, done, {"fingerprint": print_, "seconds": seconds}
-                )
-                shutil.copyfile(log_path, folder / LOG_NAME)
-                ckpt.prune_checkpoints(root, settings["checkpoints_total_limit"])
-                log.info("saved %s", folder.name)
+                with log_path.open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                if board is not None:
+                    for key in ("loss", "lr", "val_loss"):
+                        if record.get(key) is not None:
+                            board.add_scalar(f"train/{key}", record[key], done)
+            if done % LOG_EVERY == 0 or done == max_steps:
+                rate = (done - tick[1]) / max(time.perf_counter() - tick[0], 1e-9)
+                tick = (time.perf_counter(), done)
+                log.info("step %d/%d loss %.4f lr %.3g %.2f it/s", done, max_steps,
+                         record["loss"], record["lr"], rate)  # fmt: skip
+            signum = stop_signal(accelerator, signals)
+            if done % settings["checkpointing_steps"] == 0 or done == max_steps or signum:
+                accelerator.wait_for_everyone()
+                folder = root / f"{ckpt.PREFIX}{done}"
+                if accelerator.is_main_process:
+                    folder = ckpt.save_checkpoint(
+                        accelerator, root, done, {"fingerprint": print_, "seconds": seconds}
+                    )
+                    shutil.copyfile(log_path, folder / LOG_NAME)
+                    ckpt.prune_checkpoints(root, settings["checkpoints_total_limit"])
+                    log.info("saved %s", folder.name)
+                accelerator.wait_for_everyone()
+            if signum and done < max_steps:
+                log.warning("signal %d: stopping after step %d; resume continues from %s",
+                            signum, done, folder)  # fmt: skip
+                if board is not None:
+                    board.close()
+                accelerator.end_training()
+                raise TrainingInterrupted(signum, done, folder)
 
     accelerator.wait_for_everyone()
-    final_unet = accelerator.unwrap_model(unet)
-    loss_final = evaluate(final_unet)
-    log.info("held-out loss: base %s -> fine-tuned %s", loss_base, loss_final)
+    loss_final = None
+    if accelerator.is_main_process:
+        loss_final = evaluate()
+        log.info("held-out loss: base %s -> fine-tuned %s", loss_base, loss_final)
     summary = {
         "heldout_loss_base": loss_base,
         "heldout_loss_final": loss_final,
         "heldout_split": heldout.name,
         "heldout_images": len(heldout),
-        "steps": settings["max_steps"],
+        "steps": max_steps,
         "prediction_type": prediction_type,
         "base_model": settings["base_model"],
         "resolution": resolution,
         "train_images": len(train_split),
-        "effective_batch_size": batch_size * accumulation * accelerator.num_processes,
+        "effective_batch_size": effective,
         "seed": seed,
         "seconds": round(time.perf_counter() - started, 3),
         "pixel_source": sorted(set(train_split.pixel_sources)),
     }
+    summary.update(
+        mode=settings["mode"],
+        train_text_encoder=bool(text_params),
+        ema=ema is not None,
+        latent_cache=str(cache_root) if cache_root else None,
+        hardware=hardware(accelerator),
+        mixed_precision=accelerator.mixed_precision,
+    )
     if accelerator.is_main_process:
-        save_outputs(pipeline, final_unet, summary, settings, provenance, out_dir)
+        if ema is not None:
+            ema.copy_to()
+        models = {"unet": accelerator.unwrap_model(unet)}
+        if text_params:
+            models["text_encoder"] = accelerator.unwrap_model(text_encoder)
+        save_outputs(pipeline, models, summary, settings, provenance, out_dir)
+        if board is not None:
+            board.close()
     accelerator.end_training()
     return summary
 
 
+def non_finite_message(value: float, step: int, micro: int, root: Path | None) -> str:
+    """What to tell the user when the loss is NaN/inf at `step`."""
+    found = ckpt.list_checkpoints(root) if root is not None else []
+    last = f"{found[-1][1]} (step {found[-1][0]})" if found else "none (no checkpoint yet)"
+    return (
+        f"training loss is {value} at step {step} (micro-batch {micro}); stopped without "
+        f"saving this step. Last good checkpoint: {last}. Lower train.learning_rate, use "
+        "mixed_precision bf16 instead of fp16, or check the training images."
+    )
+
+
 def save_outputs(
     pipeline: Any,
-    unet: torch.nn.Module,
+    models: Mapping[str, torch.nn.Module],
     summary: Mapping[str, Any],
     settings: Mapping[str, Any],
     provenance: Mapping[str, Any],
     out_dir: Path,
 ) -> None:
-    """The fine-tuned pipeline (safetensors, float32), train_summary.json and model_card.md."""
-    pipeline.unet = unet
-    pipeline.unet.to("cpu")
-    for part in (pipeline.vae, pipeline.text_encoder):
-        part.to("cpu") if part.dtype == torch.float32 else part.to("cpu", torch.float32)
+    """The fine-tuned pipeline (safetensors, float32), train_summary.json and model_card.md.
+
+    In LoRA mode the adapters are also saved alone (``pytorch_lora_weights.safetensors``,
+    for ``load_lora_weights`` on the base model) and fused into the saved pipeline.
+    """
+    for name, model in models.items():
+        setattr(pipeline, name, model)
+    if settings.get("mode") == "lora":
+        from idc_diffusion.lora import fuse_and_unload, save_lora
+
+        text = models.get("text_encoder")
+        save_lora(out_dir, pipeline.unet, text)
+        fuse_and_unload(pipeline)
+    for part in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
+        part.to("cpu", torch.float32)
     pipeline.save_pretrained(out_dir, safe_serialization=True)
     (out_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=1, default=_json), "utf-8")
     (out_dir / CARD_NAME).write_text(render_model_card(summary, settings, provenance), "utf-8")
@@ -430,6 +898,8 @@ def _json(value: Any) -> Any:
 
 __all__ = [
     "TINY",
+    "NonFiniteLoss",
+    "TrainingInterrupted",
     "diffusion_loss",
     "draw_noise",
     "heldout_loss",

@@ -1,0 +1,45 @@
+"""Option checks that fail before any model is loaded, and the draws the options add."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from train_fixtures import settings, write_dataset
+
+from idc_diffusion import training
+from idc_diffusion.train_data import seeded_generator
+from idc_diffusion.training import draw_batch, draw_noise, train, with_defaults
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="installed")
+def test_8bit_adam_without_bitsandbytes_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = write_dataset(tmp_path / "data", train=2, val=0)
+    monkeypatch.setattr(training, "load_base_pipeline", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(ValueError, match=r"adamw_8bit.*bitsandbytes.*optimizer: adamw"):
+        train(settings(optimizer="adamw_8bit"), data, tmp_path / "m", {})
+
+
+def test_unknown_mode_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"train\.mode"):
+        train(settings(mode="dreambooth"), tmp_path, tmp_path / "m", {})
+
+
+def test_options_append_draws_without_changing_earlier_ones() -> None:
+    plain = with_defaults(settings())
+    extra = {**plain, "noise_offset": 0.1, "caption_dropout": 0.5, "random_flip": True}
+    base = draw_noise(seeded_generator(1, 2), 64, (4, 8, 8), 1000)
+    first = draw_batch(seeded_generator(1, 2), 64, (4, 8, 8), 1000, plain)
+    second = draw_batch(seeded_generator(1, 2), 64, (4, 8, 8), 1000, extra)
+    for got in (first, second):
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(base, (got.eps, got.noise, got.timesteps), strict=True)
+        )
+    assert first.offsets is None and first.drop is None and first.flip is None
+    assert second.offsets.shape == (64, 4)
+    assert 10 < int(second.drop.sum()) < 54 and 10 < int(second.flip.sum()) < 54
