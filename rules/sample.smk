@@ -1,26 +1,40 @@
 SAMPLE_SHARDS = list(range(config["sample"]["n_shards"]))
 
 
+# prepare.caption as a JSON argument, passed only when prompts come from a field grid.
+SAMPLE_CAPTION = (
+    shlex.quote(json.dumps(config["prepare"]["caption"], sort_keys=True))
+    if config["sample"]["prompts"] == "grid"
+    else "''"
+)
+
+
 rule sample:
     input:
-        model=rules.train.output.model_index,
+        # the trained pipeline, unless sample.model names another one (folder or hub id)
+        model=lambda wildcards: [] if config["sample"]["model"] else rules.train.output.model_index,
+        lora=config["sample"]["lora_weights"] or [],
         test=rules.dataset.output.test,
     output:
         directory("results/samples/shard-{sample_shard}"),
     params:
         settings=section("sample"),
+        caption=lambda wildcards: SAMPLE_CAPTION,
+        run_name=shlex.quote(config["run_name"]),
+        model_dir="results/model",
     log:
         "logs/sample/shard-{sample_shard}.log",
     benchmark:
         "benchmarks/sample/shard-{sample_shard}.tsv"
     conda:
-        "../envs/train.yaml"
+        "../envs/sample.yaml"
     resources:
         gpu=1,
     shell:
         "python -m idc_diffusion sample --settings {params.settings}"
-        " --shard {wildcards.sample_shard} --model-dir $(dirname {input.model})"
-        " --dataset-dir $(dirname {input.test}) --out-dir {output} > {log} 2>&1"
+        " --shard {wildcards.sample_shard} --model-dir {params.model_dir}"
+        " --dataset-dir $(dirname {input.test}) --out-dir {output}"
+        " --run-name {params.run_name} --caption {params.caption} > {log} 2>&1"
 
 
 rule sample_manifest:
@@ -33,6 +47,6 @@ rule sample_manifest:
     benchmark:
         "benchmarks/sample_manifest/sample_manifest.tsv"
     conda:
-        "../envs/train.yaml"
+        "../envs/sample.yaml"
     shell:
         "python -m idc_diffusion sample-manifest --shards {input} --out {output} > {log} 2>&1"
