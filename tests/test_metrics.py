@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 
 import numpy as np
@@ -9,15 +10,24 @@ import pytest
 import torch
 from eval_fixtures import blob_tensor, noise_tensor
 
-from idc_diffusion.features import RandomConvFeatures
+from idc_diffusion.features import (
+    INCEPTION_INSTALL,
+    INCEPTION_PACKAGE,
+    InceptionFeatures,
+    RandomConvFeatures,
+)
 from idc_diffusion.metrics import (
+    bootstrap_fid_kid,
     extract_features,
     fid_kid,
     fid_kid_from_features,
+    frechet_distance,
     memorization,
     memorization_summary,
+    mmd2_unbiased,
     ms_ssim_config,
     ms_ssim_diversity,
+    polynomial_kernel,
     top_pairs,
 )
 
@@ -144,3 +154,70 @@ def test_memorization_empty_train(extractor) -> None:
     table = memorization(samples, empty, feats, feats[:0], 0.95, 32)
     assert table.empty
     assert memorization_summary(table, 0.95, 0.9, 32)["fraction_flagged"] is None
+
+
+@pytest.mark.parametrize("n", [20, 90])  # fewer and more images than feature dimensions (64)
+def test_frechet_distance_matches_torchmetrics(real, extractor, n) -> None:
+    feats_real = extract_features(blob_tensor(n, seed=5), extractor)
+    feats_fake = extract_features(_noisy(blob_tensor(n, seed=6), 30), extractor)
+    reference = fid_kid_from_features(feats_real, feats_fake, kid_subset_size=None)["fid"]
+    assert frechet_distance(feats_real, feats_fake) == pytest.approx(reference, rel=1e-6)
+    assert frechet_distance(feats_real, feats_real) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_metrics_do_not_depend_on_image_order(real, extractor) -> None:
+    fake = _noisy(real, 25)
+    feats_real, feats_fake = extract_features(real, extractor), extract_features(fake, extractor)
+    g = torch.Generator().manual_seed(3)
+    p_real, p_fake = torch.randperm(60, generator=g), torch.randperm(60, generator=g)
+    a = fid_kid_from_features(feats_real, feats_fake, kid_subset_size=20)
+    b = fid_kid_from_features(feats_real[p_real], feats_fake[p_fake], kid_subset_size=20)
+    assert a == b
+    boot_a = bootstrap_fid_kid(feats_real, feats_fake, n_resamples=20, seed=1)
+    boot_b = bootstrap_fid_kid(feats_real[p_real], feats_fake[p_fake], n_resamples=20, seed=1)
+    assert boot_a == boot_b
+
+
+def test_bootstrap_intervals_bracket_the_estimate_and_are_seeded(real, extractor) -> None:
+    feats_real = extract_features(real, extractor)
+    feats_fake = extract_features(_noisy(real, 40), extractor)
+    point = fid_kid_from_features(feats_real, feats_fake, kid_subset_size=None)
+    boot = bootstrap_fid_kid(feats_real, feats_fake, n_resamples=60, seed=0)
+    low, high = boot["fid_ci"]
+    assert 0 <= low < high and boot["fid_std"] > 0
+    assert low <= point["fid"] * 1.5 and high >= point["fid"] * 0.5
+    kid_low, kid_high = boot["kid_ci"]
+    assert kid_low < point["kid_mean"] < kid_high
+    assert boot == bootstrap_fid_kid(feats_real, feats_fake, n_resamples=60, seed=0)
+    assert boot != bootstrap_fid_kid(feats_real, feats_fake, n_resamples=60, seed=1)
+    assert bootstrap_fid_kid(feats_real, feats_fake, n_resamples=0) == {"n_resamples": 0}
+
+
+def test_unbiased_mmd_matches_torchmetrics_kid(real, extractor) -> None:
+    feats_real = extract_features(real, extractor)
+    feats_fake = extract_features(_noisy(real, 40), extractor)
+    reference = fid_kid_from_features(feats_real, feats_fake, kid_subset_size=None, kid_subsets=1)
+    mmd = mmd2_unbiased(
+        polynomial_kernel(feats_real, feats_real),
+        polynomial_kernel(feats_fake, feats_fake),
+        polynomial_kernel(feats_real, feats_fake),
+    )
+    assert mmd == pytest.approx(reference["kid_mean"], rel=1e-6)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec(INCEPTION_PACKAGE) is None,
+    reason=f"FID Inception wheel not installed ({INCEPTION_INSTALL})",
+)
+def test_properties_hold_with_the_real_fid_inception() -> None:
+    """FID(x, x) = 0, FID rises with noise, and order does not matter, with the real network."""
+    inception = InceptionFeatures()
+    images = blob_tensor(8, seed=11, size=64)
+    batch = torch.cat([images, _noisy(images, 20), _noisy(images, 100)])
+    clean, mild, heavy = extract_features(batch, inception, batch_size=24).split(8)
+    assert clean.shape == (8, 2048)
+    assert frechet_distance(clean, clean) == pytest.approx(0.0, abs=1e-6)
+    fid_mild, fid_heavy = frechet_distance(clean, mild), frechet_distance(clean, heavy)
+    assert 0 < fid_mild < fid_heavy
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(0))
+    assert frechet_distance(clean[order], mild.flip(0)) == pytest.approx(fid_mild, rel=1e-9)

@@ -12,6 +12,7 @@ from idc_diffusion.report import (
     image_rows_png,
     linkify,
     loss_curve_png,
+    markdown_html,
     package_versions,
     render_report,
 )
@@ -68,6 +69,18 @@ def test_citations_escaped_and_linked() -> None:
     assert '<a href="https://doi.org/10.1148/rg.230180">' in html
     assert "CT &lt;chest&gt;" in html
     assert linkify("a\nb").count("<br>") == 1
+
+
+def test_citations_markdown_rendered() -> None:
+    html = render_report(_context(["idc"], is_random=False))
+    citations = html.split('id="citations"')[1].split("</section>")[0]
+    assert "<h3>Citations</h3>" in citations and "<h4>Licenses</h4>" in citations
+    assert citations.count("<li>") == 3 and "<em>RadioGraphics</em>" in citations
+    assert "<th>license</th>" in citations and "<td>CC BY 4.0</td>" in citations
+    assert '<a href="https://portal.imaging.datacommons.cancer.gov">IDC portal</a>' in citations
+    assert 'href="javascript' not in citations  # an unsafe link stays plain text
+    assert "# Citations" not in citations and "|---|" not in citations
+    assert markdown_html("# T", heading_offset=0) == "<h1>T</h1>\n"
 
 
 def test_missing_parts_render_notes() -> None:

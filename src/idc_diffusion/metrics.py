@@ -60,6 +60,18 @@ def extract_features(
     return torch.cat(chunks)
 
 
+def canonical_order(features: Tensor) -> Tensor:
+    """Rows sorted lexicographically: the same set of rows in any order gives the same tensor.
+
+    Seeded subsets (KID) and bootstrap draws index rows by position, so sorting first makes
+    every metric independent of the order the images were read in.
+    """
+    if len(features) < 2:
+        return features
+    keys = features.detach().double().cpu().numpy()
+    return features[torch.from_numpy(np.lexsort(keys.T[::-1]).copy())]
+
+
 class _Precomputed(nn.Module):
     """Pass-through "extractor" so torchmetrics can consume already extracted features."""
 
@@ -89,6 +101,7 @@ def fid_kid_from_features(
             f"FID/KID need at least 2 real and 2 generated images ({n_real}, {n_fake})"
         )
     dim = int(real_feats.shape[1])
+    real_feats, fake_feats = canonical_order(real_feats), canonical_order(fake_feats)
     subset = min(kid_subset_size or max(n_real, n_fake), n_real, n_fake)
     fid = FrechetInceptionDistance(feature=_Precomputed(dim))
     with warnings.catch_warnings():  # "KID keeps all features in memory": intended here
@@ -346,3 +359,88 @@ def top_pairs(table: pd.DataFrame, n: int) -> pd.DataFrame:
         return table
     score = table[["cosine", "ssim"]].max(axis=1)
     return table.assign(_score=score).nlargest(n, "_score").drop(columns="_score")
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+
+def _cov_factor(features: Tensor) -> Tensor:
+    """A matrix ``A`` with ``A @ A.T`` = the unbiased covariance of ``features`` ``[N, D]``.
+
+    ``[D, N]`` centred rows when N <= D (cheap), else ``[D, D]`` from an eigendecomposition.
+    """
+    x = features.double()
+    centred = (x - x.mean(dim=0)).T / math.sqrt(max(len(x) - 1, 1))
+    if len(x) <= x.shape[1]:
+        return centred
+    values, vectors = torch.linalg.eigh(centred @ centred.T)
+    return vectors * values.clamp_min(0).sqrt()
+
+
+def frechet_distance(real: Tensor, fake: Tensor) -> float:
+    """FID between two feature sets: ‖μ₁−μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr √(Σ₁Σ₂), in float64.
+
+    tr √(Σ₁Σ₂) is the nuclear norm of ``A₁ᵀ A₂`` for covariance factors ``Aᵢ Aᵢᵀ = Σᵢ``
+    (its singular values are the square roots of the eigenvalues of Σ₁Σ₂), so no matrix
+    square root is needed and the cost follows min(N, D).
+    """
+    a, b = _cov_factor(real), _cov_factor(fake)
+    mean_term = float(((real.double().mean(0) - fake.double().mean(0)) ** 2).sum())
+    trace_sqrt = float(torch.linalg.svdvals(a.T @ b).sum())
+    value = mean_term + float((a * a).sum()) + float((b * b).sum()) - 2.0 * trace_sqrt
+    return max(value, 0.0)
+
+
+def polynomial_kernel(x: Tensor, y: Tensor) -> Tensor:
+    """KID's kernel ``(x·y / D + 1)³`` in float64."""
+    return (x.double() @ y.double().T / x.shape[1] + 1.0) ** 3
+
+
+def mmd2_unbiased(k_xx: Tensor, k_yy: Tensor, k_xy: Tensor) -> float:
+    """Unbiased squared MMD from the three kernel matrices (KID for the polynomial kernel)."""
+    m, n = len(k_xx), len(k_yy)
+    xx = (k_xx.sum() - k_xx.diagonal().sum()) / (m * (m - 1))
+    yy = (k_yy.sum() - k_yy.diagonal().sum()) / (n * (n - 1))
+    return float(xx + yy - 2.0 * k_xy.mean())
+
+
+def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Equal-tailed percentile interval of bootstrap replicates."""
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(values, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def bootstrap_fid_kid(
+    real: Tensor, fake: Tensor, n_resamples: int = 200, seed: int = 0, level: float = 0.95
+) -> dict[str, Any]:
+    """Percentile bootstrap intervals of FID and KID: both sets resampled with replacement.
+
+    Each replicate draws ``len(real)`` real and ``len(fake)`` generated rows with replacement
+    (one seeded numpy generator), then computes :func:`frechet_distance` and the unbiased KID
+    on all drawn rows (kernel matrices computed once, indexed per replicate).
+    """
+    if n_resamples < 1:
+        return {"n_resamples": 0}
+    real, fake = canonical_order(real).double(), canonical_order(fake).double()
+    rng = np.random.default_rng(seed)
+    k_rr, k_ff, k_rf = (
+        polynomial_kernel(real, real),
+        polynomial_kernel(fake, fake),
+        polynomial_kernel(real, fake),
+    )
+    fids, kids = np.empty(n_resamples), np.empty(n_resamples)
+    for b in range(n_resamples):
+        i = torch.from_numpy(rng.integers(0, len(real), len(real)))
+        j = torch.from_numpy(rng.integers(0, len(fake), len(fake)))
+        fids[b] = frechet_distance(real[i], fake[j])
+        kids[b] = mmd2_unbiased(k_rr[i][:, i], k_ff[j][:, j], k_rf[i][:, j])
+    return {
+        "n_resamples": n_resamples,
+        "seed": seed,
+        "level": level,
+        "fid_ci": percentile_interval(fids, level),
+        "fid_std": float(fids.std(ddof=1)) if n_resamples > 1 else None,
+        "kid_ci": percentile_interval(kids, level),
+        "kid_std": float(kids.std(ddof=1)) if n_resamples > 1 else None,
+    }

