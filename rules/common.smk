@@ -41,3 +41,4 @@ def whole_config():
     """A params function giving the whole validated config as shell-quoted sorted JSON."""
     text = shlex.quote(json.dumps(config, sort_keys=True))
     return lambda wildcards: text
+

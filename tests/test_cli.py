@@ -44,3 +44,25 @@ def test_settings_without_seed_is_rejected(tmp_path: Path) -> None:
     result = run_cli("cohort", "--settings", "{}", "--out-dir", str(tmp_path))
     assert result.returncode == 2
     assert "--seed is required with --settings" in result.stderr
+
+
+def test_latents_encode_the_train_split_once(tmp_path: Path) -> None:
+    from train_fixtures import settings, write_dataset
+
+    from idc_diffusion.latent_cache import cache_problem, vae_fingerprint
+    from idc_diffusion.models import build_tiny_pipeline
+    from idc_diffusion.train_data import read_split
+
+    data = write_dataset(tmp_path / "data", train=5, val=2)
+    result = run_cli(
+        "latents", "--settings", json.dumps(settings()), "--dataset-dir", str(data),
+        "--out-dir", str(tmp_path / "latents"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    index = pd.read_parquet(tmp_path / "latents" / "index.parquet")
+    assert len(index) == 5 and set(index["split"]) == {"train"}
+    vae = build_tiny_pipeline(seed=settings()["tiny_seed"]).vae
+    assert (
+        cache_problem(tmp_path / "latents", read_split(data, "train"), vae_fingerprint(vae), 64)
+        is None
+    )

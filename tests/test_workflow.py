@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from conftest import BIN, REPO
+from conftest import REPO, snakemake
 
 pytestmark = pytest.mark.workflow
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run snakemake on the repo's Snakefile in `workdir` with the venv first on PATH."""
-    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(workdir)}
-    cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(workdir)]
-    result = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env)
-    if check and result.returncode != 0:
-        raise AssertionError(f"snakemake {args} failed:\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 def planned_jobs(workdir: Path, configfile: Path) -> dict[str, int]:
@@ -79,21 +68,6 @@ def test_unknown_config_key_fails_before_any_job(tmp_path: Path, demo_raw: dict)
     assert result.returncode != 0
     assert "'windw_presets' was unexpected" in result.stdout + result.stderr
     assert not (tmp_path / "results").exists()
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo workflow run once, as `make demo` runs it."""
-    workdir = tmp_path_factory.mktemp("demo")
-    snakemake(
-        workdir,
-        "--profile",
-        str(REPO / "profiles" / "local"),
-        "--configfile",
-        str(REPO / "config" / "demo.yaml"),
-        "-c2",
-    )
-    return workdir
 
 
 def test_demo_writes_every_stage_contract_output(demo_run: Path) -> None:
@@ -216,3 +190,45 @@ def test_demo_trains_samples_and_reports(demo_run: Path) -> None:
     html = (results / "eval" / "report.html").read_text()
     assert f"{summary['heldout_loss_base']:.4g}" in html
     assert f"{summary['heldout_loss_final']:.4g}" in html
+
+
+def test_cohort_filter_change_reruns_everything(demo_run: Path, demo_raw: dict) -> None:
+    demo_raw["cohort"]["strata"][0]["max_series"] = 5
+    jobs = planned_jobs(demo_run, write_config(demo_run / "cohort.yaml", demo_raw))
+    n = int(demo_raw["n_shards"])
+    assert jobs == {
+        "cohort": 1,
+        "download": n,
+        "prepare": n,
+        "dataset": 1,
+        "train": 1,
+        "sample": 1,
+        "sample_manifest": 1,
+        "evaluate": 1,
+        "all": 1,
+    }
+
+
+def test_evaluation_option_reruns_only_evaluate(demo_run: Path, demo_raw: dict) -> None:
+    demo_raw["evaluate"]["top_pairs"] = 2
+    jobs = planned_jobs(demo_run, write_config(demo_run / "eval.yaml", demo_raw))
+    assert set(jobs) == {"evaluate", "all"}
+
+
+def test_job_count_grows_with_shards_not_series(tmp_path: Path) -> None:
+    real = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    real["n_shards"] = 64
+    few = planned_jobs(tmp_path, write_config(tmp_path / "few.yaml", real))
+    for stratum in real["cohort"]["strata"]:
+        stratum["max_series"] = 10_000
+    many = planned_jobs(tmp_path, write_config(tmp_path / "many.yaml", real))
+    assert few == many
+    assert many["download"] == many["prepare"] == 64
+    assert many["sample"] == real["sample"]["n_shards"]
+
+
+def test_latent_cache_adds_one_job_before_training(tmp_path: Path, demo_raw: dict) -> None:
+    demo_raw["prepare"]["latent_cache"] = True
+    demo_raw["train"]["use_latent_cache"] = True
+    jobs = planned_jobs(tmp_path, write_config(tmp_path / "latents.yaml", demo_raw))
+    assert jobs["latents"] == 1 and jobs["train"] == 1

