@@ -17,21 +17,21 @@ from typing import Any
 
 import numpy as np
 
-ALLOWED_FIELDS: frozenset[str] = frozenset(
-    {
-        "modality",
-        "body_part",
-        "plane",
-        "view",
-        "window",
-        "sex",
-        "age_band",
-        "contrast",
-        "position",
-        "disease",
-        "site",
-    }
+# Every field a caption template may use, in the order records and metadata list them.
+CAPTION_FIELDS: tuple[str, ...] = (
+    "modality",
+    "body_part",
+    "plane",
+    "view",
+    "window",
+    "sex",
+    "age_band",
+    "contrast",
+    "position",
+    "disease",
+    "site",
 )
+ALLOWED_FIELDS: frozenset[str] = frozenset(CAPTION_FIELDS)
 CLIP_MAX_TOKENS = 77  # CLIP text encoder context, including start and end tokens
 
 MODALITY_TEXT = {

@@ -19,23 +19,14 @@ from typing import Any
 import pandas as pd
 
 from idc_diffusion.caption_stats import caption_statistics
+from idc_diffusion.captions import CAPTION_FIELDS
 from idc_diffusion.prepare import REJECTED_DTYPES
 
 SPLITS = ("train", "val", "test")
 METADATA_FIELDS = (
     "text",
     "pixel_source",
-    "modality",
-    "body_part",
-    "plane",
-    "view",
-    "window",
-    "sex",
-    "age_band",
-    "contrast",
-    "position",
-    "disease",
-    "site",
+    *CAPTION_FIELDS,
     "collection_id",
     "license_short_name",
     "SeriesInstanceUID",

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from idc_diffusion import captions
 from idc_diffusion.captions import (
     CLIP_MAX_TOKENS,
     caption_fields,
@@ -76,18 +77,8 @@ CT_BODY_HU = -500.0
 DISPLAY_FOREGROUND_LEVEL = 10.0
 PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "RF", "XA"})
 STATS_MAX_SLICES = 32
-CAPTION_FIELDS = (
-    "modality",
-    "body_part",
-    "plane",
-    "view",
-    "sex",
-    "age_band",
-    "contrast",
-    "position",
-    "disease",
-    "site",
-)
+# the caption fields records carry; the window has its own columns
+CAPTION_FIELDS = tuple(f for f in captions.CAPTION_FIELDS if f != "window")
 
 RECORD_DTYPES: dict[str, str] = {
     "file_name": "string",
