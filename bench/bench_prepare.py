@@ -40,7 +40,7 @@ from idc_diffusion.config import load_config  # noqa: E402
 from idc_diffusion.prepare import prepare_shard, select_indices  # noqa: E402
 from idc_diffusion.synthetic import instance_file_name, write_synthetic_series  # noqa: E402
 
-N_SERIES = int(os.environ.get("BENCH_PREPARE_SERIES", "16"))
+N_SERIES = int(os.environ.get("BENCH_PREPARE_SERIES", "48"))
 N_SLICES = int(os.environ.get("BENCH_PREPARE_SLICES", "80"))  # files per series
 MATRIX = 512
 ROUNDS = 2
