@@ -1,3 +1,5 @@
+# A checkpoint: once a shard is downloaded, Snakemake re-evaluates the DAG, so prepare's
+# inputs list the shard's DICOM files as they are (shard_dicom_files in common.smk).
 # The shard report is the rule's output; the series folders beside it are not declared,
 # so Snakemake never deletes them and an interrupted shard resumes where it stopped.
 # When more than download.max_failed_fraction of a shard's series fail, the job exits
@@ -5,7 +7,7 @@
 # the workflow stops, and a rerun fetches only the series not yet verified.
 
 
-rule download:
+checkpoint download:
     input:
         cohort=rules.cohort.output.cohort,
     output:

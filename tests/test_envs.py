@@ -40,7 +40,7 @@ def rule_blocks() -> dict[str, str]:
     """Rule name -> its text, from every rules/*.smk."""
     blocks = {}
     for path in sorted((REPO / "rules").glob("*.smk")):
-        parts = re.split(r"^rule (\w+):\n", path.read_text(), flags=re.M)
+        parts = re.split(r"^(?:rule|checkpoint) (\w+):\n", path.read_text(), flags=re.M)
         for name, body in zip(parts[1::2], parts[2::2], strict=True):
             blocks[name] = body
     return blocks

@@ -70,7 +70,7 @@ def digest(folder: Path, pattern: str) -> dict[str, str]:
 def test_every_job_went_through_sbatch(cluster: Path, slurm_run: tuple[Path, str]) -> None:
     workdir, log = slurm_run
     submitted = re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", log)
-    rules = re.findall(r"^rule (\w+):", log, flags=re.M)
+    rules = re.findall(r"^(?:rule|checkpoint) (\w+):", log, flags=re.M)
     # cohort, 2 download, 2 prepare, dataset, train, sample, sample_manifest, evaluate:
     # every job but the local target rule `all` was submitted
     assert len(submitted) == len([r for r in rules if r != "all"]) == 10

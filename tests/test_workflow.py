@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pandas as pd
+import pydicom
 import pytest
 import yaml
 from conftest import REPO, snakemake
@@ -213,6 +214,25 @@ def test_evaluation_option_reruns_only_evaluate(demo_run: Path, demo_raw: dict) 
     demo_raw["evaluate"]["top_pairs"] = 2
     jobs = planned_jobs(demo_run, write_config(demo_run / "eval.yaml", demo_raw))
     assert set(jobs) == {"evaluate", "all"}
+
+
+def test_changing_one_dicom_file_reruns_only_its_shard(demo_run: Path) -> None:
+    report = json.loads((demo_run / "results" / "dicom" / "shard-1.json").read_text())
+    series = next(s for s in report["series"] if s["status"] == "ok")
+    folder = demo_run / "results" / "dicom" / "shard-1" / series["SeriesInstanceUID"]
+    target = sorted(folder.iterdir())[0]
+    original = target.read_bytes()
+    try:
+        dataset = pydicom.dcmread(target)
+        dataset.ImageComments = f"{dataset.get('ImageComments', '')} (edited)"
+        dataset.save_as(target)
+        out = snakemake(demo_run, "-n", "--configfile", str(REPO / "config" / "demo.yaml")).stdout
+        assert re.findall(r"rule prepare:\n(?:.*\n)*?\s+wildcards: shard=(\d+)", out) == ["1"]
+        jobs = planned_jobs(demo_run, REPO / "config" / "demo.yaml")
+        assert jobs["prepare"] == 1 and "download" not in jobs and "cohort" not in jobs
+    finally:
+        target.write_bytes(original)
+    assert planned_jobs(demo_run, REPO / "config" / "demo.yaml") == {}
 
 
 def test_job_count_grows_with_shards_not_series(tmp_path: Path) -> None:
