@@ -8,6 +8,7 @@ Each Snakemake rule runs exactly one of these commands with its config section a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -22,10 +23,16 @@ from idc_diffusion.config import ConfigError, load_config
 log = logging.getLogger("idc_diffusion")
 
 
+@functools.cache
+def _config_file(path: str) -> dict:
+    """A --config file, parsed and validated once per process (YAML + schema take ~0.4 s)."""
+    return load_config(path)
+
+
 def _settings(args: argparse.Namespace, section: str) -> dict:
     """The stage's config section: from --settings JSON (rules) or --config YAML (by hand)."""
     if args.config:
-        return load_config(args.config)[section]
+        return _config_file(args.config)[section]
     return json.loads(args.settings)
 
 
@@ -35,7 +42,7 @@ def _top_level(args: argparse.Namespace, key: str) -> Any:
     if value is not None:
         return value
     if args.config:
-        return load_config(args.config)[key]
+        return _config_file(args.config)[key]
     raise ConfigError(f"--{key.replace('_', '-')} is required with --settings")
 
 
@@ -47,16 +54,13 @@ def _shard_rows(cohort: Path, shard: int) -> pd.DataFrame:
 def cmd_cohort(args: argparse.Namespace) -> None:
     from idc_diffusion.cohort import run_cohort
 
-    # parse and validate a --config file once (~0.4 s of YAML + schema each time)
-    if args.config:
-        config = load_config(args.config)
-        settings = config["cohort"]
-        seed = config["seed"] if args.seed is None else args.seed
-        n_shards = config["n_shards"] if args.n_shards is None else args.n_shards
-    else:
-        settings = _settings(args, "cohort")
-        seed, n_shards = _top_level(args, "seed"), _top_level(args, "n_shards")
-    run_cohort(settings, seed, n_shards, Path(args.out_dir), explain=args.explain)
+    run_cohort(
+        _settings(args, "cohort"),
+        _top_level(args, "seed"),
+        _top_level(args, "n_shards"),
+        Path(args.out_dir),
+        explain=args.explain,
+    )
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -144,7 +148,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from idc_diffusion.sampling import sample_shard
 
     settings = _settings(args, "sample")
-    whole = load_config(args.config) if args.config else None
+    whole = _config_file(args.config) if args.config else None
     try:
         caption = json.loads(args.caption) if args.caption else None
     except json.JSONDecodeError as exc:
@@ -172,7 +176,7 @@ def cmd_sample_manifest(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from idc_diffusion.evaluation import evaluate
 
-    run_config = load_config(args.config) if args.config else json.loads(args.run_config)
+    run_config = _config_file(args.config) if args.config else json.loads(args.run_config)
     evaluate(
         _settings(args, "evaluate"),
         samples_dir=Path(args.samples_dir),
