@@ -76,6 +76,21 @@ class FakeRun:
     train_images: list[np.ndarray]
     copied_train: dict[int, int]  # manifest row -> train index it copies
 
+    def evaluate(self, settings: dict, run_name: str = "fake") -> dict:
+        """The evaluate stage on this run's folders, with `settings` as the config section."""
+        from idc_diffusion.evaluation import evaluate
+
+        config = {"run_name": run_name, "evaluate": settings}
+        return evaluate(
+            settings,
+            self.samples_dir,
+            self.dataset_dir,
+            self.model_dir,
+            self.cohort_dir,
+            self.out_dir,
+            config,
+        )
+
 
 def write_fake_run(
     root: Path,

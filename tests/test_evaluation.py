@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from eval_fixtures import write_fake_run
 
-from idc_diffusion.evaluation import evaluate, fill_settings
+from idc_diffusion.evaluation import fill_settings
 from idc_diffusion.features import RandomConvFeatures
 from idc_diffusion.report import SECTION_IDS
 
@@ -22,15 +22,7 @@ SETTINGS = {
 
 
 def _run(run, settings=SETTINGS) -> dict:
-    return evaluate(
-        settings,
-        run.samples_dir,
-        run.dataset_dir,
-        run.model_dir,
-        run.cohort_dir,
-        run.out_dir,
-        {"run_name": "fake", "evaluate": settings},
-    )
+    return run.evaluate(settings)
 
 
 @pytest.fixture(scope="module")

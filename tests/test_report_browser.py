@@ -19,7 +19,6 @@ import pytest
 from conftest import REPO, snakemake
 from eval_fixtures import write_fake_run
 
-from idc_diffusion.evaluation import evaluate
 from idc_diffusion.report import SECTION_IDS
 
 ARTIFACTS = REPO / "test-artifacts"
@@ -72,15 +71,7 @@ def chromium(profile: Path, *args: str) -> subprocess.CompletedProcess:
 def report_html(tmp_path_factory) -> Path:
     run = write_fake_run(tmp_path_factory.mktemp("browser"))
     settings = {"kid_subset_size": 8, "bootstrap": 20, "prdc_k": 3, "min_group_size": 4}
-    evaluate(
-        settings,
-        run.samples_dir,
-        run.dataset_dir,
-        run.model_dir,
-        run.cohort_dir,
-        run.out_dir,
-        {"run_name": "browser", "evaluate": settings},
-    )
+    run.evaluate(settings, run_name="browser")
     return run.out_dir / "report.html"
 
 
