@@ -56,6 +56,7 @@ VERIFIED = ".verified"  # <uid>.json per verified series: file name -> [size, mt
 LOCAL_INDEX = "local_index.parquet"  # beside the shard folders, shared by all shards
 SERIES_UID_RE = re.compile(r"^[0-9][0-9.]{0,127}$")  # also a safe folder name
 MAX_LISTED_FAILURES = 10
+CHECK_BATCH = 32  # landed files per verification task: waking the thread per file costs more
 
 
 class DownloadFailed(RuntimeError):
@@ -211,6 +212,16 @@ def check_landed(path: Path, uid: str) -> tuple[int, str | None]:
     return size, check_file(path, uid)
 
 
+def check_batch(paths: list[Path]) -> dict[Path, tuple[int, str | None]]:
+    """:func:`check_landed` of files in series folders named by their SeriesInstanceUID;
+    files that vanished are left out (verify_series sees that too)."""
+    results = {}
+    for path in paths:
+        with contextlib.suppress(OSError):
+            results[path] = check_landed(path, path.parent.name)
+    return results
+
+
 def synthesize(
     rows: list[dict[str, Any]], shard_dir: Path, settings: Mapping[str, Any], progress: Progress
 ) -> dict[str, SeriesCheck]:
@@ -262,17 +273,23 @@ def run_attempt(
     endpoint: str,
     progress: Progress,
 ) -> dict[str, SeriesCheck]:
-    """One s5cmd run over ``manifest``. Each file is checked as soon as s5cmd reports it
-    written (in a worker thread, while the rest downloads); the series check afterwards
-    reuses those results for files whose size has not changed."""
+    """One s5cmd run over ``manifest``. Files are checked as s5cmd reports them written, in
+    batches of CHECK_BATCH (in a worker thread, while the rest downloads); the series check
+    afterwards reuses those results for files whose size has not changed."""
     by_uid = {str(row["SeriesInstanceUID"]): row for row in rows}
-    landed: dict[str, dict[str, Future]] = {uid: {} for uid in by_uid}
+    batches: list[Future] = []
+    pending: list[Path] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify") as pool:
 
+        def submit_pending() -> None:
+            batches.append(pool.submit(check_batch, pending.copy()))
+            pending.clear()
+
         def on_copied(path: Path) -> None:
-            uid = path.parent.name
-            if uid in landed:
-                landed[uid][path.name] = pool.submit(check_landed, path, uid)
+            if path.parent.name in by_uid:
+                pending.append(path)
+                if len(pending) >= CHECK_BATCH:
+                    submit_pending()
             with contextlib.suppress(OSError):
                 progress.add_bytes(path.stat().st_size)
 
@@ -284,13 +301,14 @@ def run_attempt(
             retry_count=int(settings.get("s5cmd_retry_count", 3)),
             on_copied=on_copied,
         )
+        submit_pending()
+        known: dict[str, dict[str, tuple[int, str | None]]] = {uid: {} for uid in by_uid}
+        for batch in batches:  # in landing order: a file written twice keeps its last check
+            for path, result in batch.result().items():
+                known[path.parent.name][path.name] = result
         checks = {}
         for uid, row in by_uid.items():
-            known = {}
-            for name, future in landed[uid].items():
-                with contextlib.suppress(OSError):  # vanished: verify_series sees it too
-                    known[name] = future.result()
-            checks[uid] = finish(row, shard_dir, known)
+            checks[uid] = finish(row, shard_dir, known[uid])
             if checks[uid].ok:
                 progress.series_done()
     return checks

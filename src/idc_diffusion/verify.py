@@ -3,6 +3,10 @@
 A series is ``ok`` only when its folder holds exactly the expected number of files, every
 file parses as DICOM Part-10, carries the expected SeriesInstanceUID and has complete pixel
 data. Pixels are never decoded: the checks read headers and compare byte counts.
+
+Files that :mod:`idc_diffusion.dicom_header` can vouch for are checked from their header
+bytes alone; all others (and every file with a problem) go through pydicom, which words the
+reasons.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+
+from idc_diffusion.dicom_header import Header, read_header
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,11 @@ def series_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
+def native_pixel_bytes(rows: int, cols: int, samples: int, frames: int, bits: int) -> int:
+    """Bytes of native PixelData for the given image size (whole bytes)."""
+    return (rows * cols * samples * frames * bits + 7) // 8
+
+
 def expected_pixel_bytes(ds: Dataset) -> int | None:
     """Length of native (uncompressed) PixelData implied by the image header, else None."""
     try:
@@ -52,8 +63,7 @@ def expected_pixel_bytes(ds: Dataset) -> int | None:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (AttributeError, TypeError, ValueError):
         return None
-    n_bits = rows * cols * samples * frames * bits
-    return (n_bits + 7) // 8
+    return native_pixel_bytes(rows, cols, samples, frames, bits)
 
 
 def pixel_problem(ds: Dataset) -> str | None:
@@ -74,8 +84,28 @@ def pixel_problem(ds: Dataset) -> str | None:
     return None
 
 
-def check_file(path: Path, series_uid: str) -> str | None:
-    """Problem with one instance file (prefixed by its name), or None when it is fine."""
+def header_fine(header: Header, series_uid: str) -> bool:
+    """Whether a fast-path header passes the checks of :func:`check_file` (False also when
+    it lacks a field those checks use, so pydicom decides)."""
+    rows, cols, bits = header.rows, header.columns, header.bits_allocated
+    if header.series_uid != series_uid or rows is None or cols is None or bits is None:
+        return False
+    samples = 1 if header.samples_per_pixel is None else header.samples_per_pixel
+    expected = native_pixel_bytes(rows, cols, samples, header.number_of_frames or 1, bits)
+    return header.pixel_length > 0 and header.pixel_length >= expected
+
+
+def fast_fine(path: Path, series_uid: str) -> bool:
+    """Whether the file is fine judging by its header bytes alone (False: ask pydicom)."""
+    try:
+        header = read_header(path)
+    except OSError:
+        return False
+    return header is not None and header_fine(header, series_uid)
+
+
+def pydicom_check(path: Path, series_uid: str) -> str | None:
+    """:func:`check_file` by reading the whole file with pydicom."""
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError as exc:
@@ -89,6 +119,11 @@ def check_file(path: Path, series_uid: str) -> str | None:
     if found != series_uid:
         return f"{path.name}: SeriesInstanceUID {found} != expected {series_uid}"
     return None
+
+
+def check_file(path: Path, series_uid: str) -> str | None:
+    """Problem with one instance file (prefixed by its name), or None when it is fine."""
+    return None if fast_fine(path, series_uid) else pydicom_check(path, series_uid)
 
 
 # name -> (size, problem or None): results of check_file made earlier (e.g. during download)
