@@ -43,3 +43,12 @@ def test_options_append_draws_without_changing_earlier_ones() -> None:
     assert first.offsets is None and first.drop is None and first.flip is None
     assert second.offsets.shape == (64, 4)
     assert 10 < int(second.drop.sum()) < 54 and 10 < int(second.flip.sum()) < 54
+
+
+def test_adamw_is_fused_except_under_fp16() -> None:
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(3))]}]
+    assert training.make_optimizer(with_defaults(settings()), groups).defaults["fused"]
+    fp16 = with_defaults(settings(mixed_precision="fp16"))
+    assert not training.make_optimizer(fp16, groups).defaults["fused"]
+    meta = [{"params": [torch.nn.Parameter(torch.zeros(3, device="meta"))]}]
+    assert not training.fusable(meta)
