@@ -301,6 +301,8 @@ def test_download_checks_each_landed_file_once(tmp_path, monkeypatch):
             pd.DataFrame([row]), 0, shard, tmp_path / "r.json", dict(settings, endpoint_url=s3.url)
         )
     assert report["counts"]["ok"] == 1 and report["series"][0]["files"] == count
-    assert sorted(p.name for p in landed) == sorted(p.name for p in (shard / SERIES).iterdir())
+    assert sorted(Path(p).name for p in landed) == sorted(
+        p.name for p in (shard / SERIES).iterdir()
+    )
     assert len(landed) == count
     assert rechecked == []

@@ -316,7 +316,7 @@ def read_trailer(f: BinaryIO, header: Header, size: int) -> None:
         raise Unsupported("element after PixelData cut short") from None
 
 
-def read_header(path: Path, first_chunk: int = FIRST_CHUNK) -> Header | None:
+def read_header(path: str | Path, first_chunk: int = FIRST_CHUNK) -> Header | None:
     """The fast-path header of the file at ``path``, without reading its pixel bytes, or
     None when the fast path cannot vouch for the file (unsupported, damaged or cut short)."""
     with open(path, "rb", buffering=0) as f:

