@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from idc_diffusion.config import ConfigError, load_config, validate_config
+from idc_diffusion.config import SCHEMA_PATH, ConfigError, load_config, parse_yaml, validate_config
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "demo.yaml"])
@@ -15,6 +15,16 @@ def test_shipped_configs_validate(repo: Path, name: str) -> None:
     config = load_config(repo / "config" / name)
     assert config["prepare"]["window_presets"]["lung"] == {"center": -600, "width": 1500}
     assert set(config["cohort"]["split"]) == {"train", "val", "test"}
+
+
+@pytest.mark.parametrize(
+    "name", ["config/config.yaml", "config/demo.yaml", "profiles/slurm/config.yaml"]
+)
+def test_fast_yaml_parser_reads_what_safe_load_reads(repo: Path, name: str) -> None:
+    text = (repo / name).read_text()
+    assert parse_yaml(text) == yaml.safe_load(text)
+    schema = SCHEMA_PATH.read_text()
+    assert parse_yaml(schema) == yaml.safe_load(schema)
 
 
 def test_defaults_are_filled_in_nested_objects(demo_config: dict) -> None:

@@ -45,9 +45,17 @@ def _copy(value: Any) -> Any:
 _DefaultingValidator = _with_defaults(Draft202012Validator)
 
 
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x faster
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` of ``text``, with libyaml's parser where PyYAML has it."""
+    return yaml.load(text, Loader=YAML_LOADER)
+
+
 def load_schema(path: Path = SCHEMA_PATH) -> dict:
     """The workflow's JSON schema."""
-    return yaml.safe_load(path.read_text())
+    return parse_yaml(path.read_text())
 
 
 def _key_path(error: Any) -> str:
@@ -100,7 +108,7 @@ def load_config(path: Path | str) -> dict:
     """Read a YAML config file and validate it."""
     path = Path(path)
     try:
-        config = yaml.safe_load(path.read_text())
+        config = parse_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(config, dict):
