@@ -546,7 +546,7 @@ def batch_loss(
     input_ids = batch["input_ids"]
     if draws.drop is not None:
         input_ids = torch.where(draws.drop[:, None], parts["empty_ids"], input_ids)
-    if parts.get("text_embeddings") is not None:
+    if parts["text_embeddings"] is not None:
         hidden = parts["text_embeddings"](input_ids)
     else:
         with torch.set_grad_enabled(settings["train_text_encoder"]):
