@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pydicom
 import pytest
 from s3_server import moto_s3
 
@@ -170,8 +171,9 @@ def test_rerun_fetches_only_unverified_series(bucket, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in kept.iterdir()} == mtimes
     assert report["counts"]["ok"] == 3
 
+    s5cmd_log = (shard_dir / ".s5cmd" / "s5cmd.log").read_text()
     download_shard(pd.DataFrame(GOOD), 0, shard_dir, tmp_path / "r.json", settings(url))
-    assert not (shard_dir / ".s5cmd").exists()  # nothing left to fetch: s5cmd not run
+    assert (shard_dir / ".s5cmd" / "s5cmd.log").read_text() == s5cmd_log  # s5cmd not run
 
 
 # ------------------------------------------------------------------ synthetic source, setup
@@ -208,7 +210,7 @@ def test_s5cmd_binary_and_manifest(tmp_path):
     assert find_s5cmd().is_file()
     uuid = "0a1b2c3d-0000-4000-8000-00000000abcd"
     text = build_manifest([CopyJob("idc-open-data", uuid, tmp_path / "it's")])
-    assert text == f"cp 's3://idc-open-data/{uuid}/*' '{tmp_path}/it'\\''s/'\n"
+    assert text == f"cp --if-size-differ 's3://idc-open-data/{uuid}/*' '{tmp_path}/it'\\''s/'\n"
 
 
 # ------------------------------------------------------------------ verify_series
@@ -239,9 +241,26 @@ def test_verify_missing_and_incomplete(series, tmp_path):
     sorted(folder.iterdir())[0].unlink()
     result = check(folder, row)
     assert (result.status, result.reason) == ("incomplete", "1 of 4 files missing")
-    shutil.copy(sorted(folder.iterdir())[0], folder / "extra.dcm")
-    shutil.copy(sorted(folder.iterdir())[0], folder / "extra2.dcm")
-    assert check(folder, row).status == "incomplete"
+    more = write_synthetic_series(dict(row, instanceCount=6), folder.parent / "more", matrix=MATRIX)
+    for path in more[4:]:  # two more instances of the series: too many
+        shutil.copy(path, folder / path.name)
+    result = check(folder, row)
+    assert (result.status, result.reason) == ("incomplete", "5 files, expected 4")
+
+
+def test_verify_counts_distinct_instances(series):
+    """One instance under two keys and another missing: as many files as expected, not ok."""
+    folder, row = series
+    first, second = sorted(folder.iterdir())[:2]
+    sop = str(pydicom.dcmread(first, stop_before_pixels=True).SOPInstanceUID)
+    second.unlink()
+    shutil.copy(first, folder / "copy.dcm")
+    result = check(folder, row)
+    assert (result.status, result.files) == ("corrupt", 4)
+    assert result.reason == (
+        f"SOPInstanceUID {sop} is in both {first.name} and copy.dcm: "
+        "4 files hold 3 distinct instances, expected 4"
+    )
 
 
 def test_verify_not_dicom(series):

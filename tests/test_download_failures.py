@@ -58,7 +58,7 @@ def test_malformed_rows_never_reach_a_manifest(bucket, tmp_path):
     assert {entries[row["SeriesInstanceUID"]]["status"] for row in EVIL} == {"missing"}
     manifest = (shard_dir / ".s5cmd" / "attempt-0.txt").read_text()
     assert manifest.splitlines() == [
-        f"cp 's3://{BUCKET}/{GOOD[0]['crdc_series_uuid']}/*' "
+        f"cp --if-size-differ 's3://{BUCKET}/{GOOD[0]['crdc_series_uuid']}/*' "
         f"'{shard_dir}/.partial/{GOOD[0]['SeriesInstanceUID']}/'"
     ]
     assert not (tmp_path / "escape").exists()

@@ -64,17 +64,31 @@ def cmd_cohort(args: argparse.Namespace) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> None:
-    from idc_diffusion.download import DownloadFailed, download_shard
+    from idc_diffusion.download import (
+        DownloadFailed,
+        DownloadInterrupted,
+        download_shard,
+        signals_interrupt,
+    )
 
     rows = _shard_rows(Path(args.cohort), args.shard)
+    settings = _settings(args, "download")
     try:
-        download_shard(
-            rows, args.shard, Path(args.out_dir), Path(args.report), _settings(args, "download")
-        )
+        with signals_interrupt():
+            download_shard(rows, args.shard, Path(args.out_dir), Path(args.report), settings)
     except DownloadFailed as exc:  # the report is written (shard-K.failed.json); stop here
         log.error("download failed:\n%s", exc)
         print(f"idc-diffusion download: error: {exc}", file=sys.stderr)
         raise SystemExit(3) from None
+    except DownloadInterrupted as stop:  # verified series are kept; a rerun resumes
+        print(f"idc-diffusion download: {stop}; rerun to resume", file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
+    except FileNotFoundError:
+        raise  # a setup problem (no s5cmd, no cohort): main() words it
+    except OSError as exc:  # disk full, read-only folder: one line, no traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"idc-diffusion download: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        raise SystemExit(4) from None
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
