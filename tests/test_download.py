@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from s3_server import moto_s3
 
+from idc_diffusion import s5cmd
 from idc_diffusion.download import download_shard
 from idc_diffusion.progress import human_bytes
 from idc_diffusion.s5cmd import CopyJob, build_manifest, find_s5cmd
@@ -202,6 +203,7 @@ def test_setup_errors_raise(tmp_path, monkeypatch):
         download_shard(rows, 0, tmp_path / "s", tmp_path / "r.json", settings(source="tcia"))
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setattr(s5cmd, "packaged_s5cmd", lambda: None)  # as if the wheel were absent
     with pytest.raises(FileNotFoundError, match="s5cmd"):
         download_shard(rows, 0, tmp_path / "s", tmp_path / "r.json", settings())
 

@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 SOURCES = ("idc", "local", "synthetic")
 PARTIAL = ".partial"
 S5CMD_DIR = ".s5cmd"
+ORIGIN = ".crdc_series_uuid"  # in a partial folder: the series version its files came from
 VERIFIED = ".verified"  # <uid>.json per verified series: file name -> [size, mtime_ns]
 LOCAL_INDEX = "local_index.parquet"  # beside the shard folders, shared by all shards
 SERIES_UID_RE = re.compile(r"^[0-9][0-9.]{0,127}$")  # also a safe folder name
@@ -184,6 +185,7 @@ def stamp_path(final: Path) -> Path:
 def promote(partial: Path, final: Path) -> None:
     """Move a verified series folder into place, with a stamp of what was verified."""
     write_json(stamp_path(final), {"files": stamp(partial)})
+    (partial / ORIGIN).unlink(missing_ok=True)
     if final.exists():
         shutil.rmtree(final)
     os.replace(partial, final)
@@ -349,9 +351,16 @@ def safe_check(path: str, uid: str, listed: ListedFiles | None, name: str) -> Fi
 
 def tidy_partial(row: Mapping[str, Any], shard_dir: Path, landed: Landed) -> None:
     """Before an attempt: remove s5cmd's temporary files and files that failed their check
-    from the series' partial folder, and check files landed by an earlier run."""
+    from the series' partial folder, and check files landed by an earlier run (the whole
+    folder goes when it was fetched from another crdc_series_uuid: another IDC version)."""
     uid = str(row["SeriesInstanceUID"])
     partial = shard_dir / PARTIAL / uid
+    origin = partial / ORIGIN
+    with contextlib.suppress(FileNotFoundError):
+        if origin.read_text() != row["crdc_series_uuid"]:  # another version of the series
+            shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    origin.write_text(row["crdc_series_uuid"])
     with contextlib.suppress(FileNotFoundError), os.scandir(partial) as scan:
         for entry in scan:
             if is_temporary(entry.name):

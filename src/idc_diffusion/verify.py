@@ -118,14 +118,16 @@ def pixel_problem(ds: Dataset) -> str | None:
 
 
 def size_problem(ds: Dataset, size: int) -> str | None:
-    """Why a file of ``size`` bytes is longer than the data set pydicom read from it (bytes
-    after the pixel data that are not elements), or None."""
-    keyword = pixel_element(ds)
-    element = ds[keyword]
-    if element.file_tell is None or element.tag != max(ds.keys()):
-        return None  # elements after the pixel data: pydicom read them, the end is theirs
-    value = element.value
-    end = element.file_tell + len(value) + (8 if element.is_undefined_length else 0)
+    """Why a file of ``size`` bytes holds more than the data set pydicom read from it (bytes
+    past its last element, or garbage read as elements out of tag order), or None."""
+    tags = list(ds.keys())  # in file order
+    if tags != sorted(tags):
+        return "bytes after the end of its data set that are not DICOM elements"
+    last = ds[tags[-1]]
+    value = last.value
+    if last.file_tell is None or not isinstance(value, bytes):
+        return None  # pydicom does not say where it ends
+    end = last.file_tell + len(value) + (8 if last.is_undefined_length else 0)
     if size > end:
         return f"{size - end} bytes after the end of its data set ({size} bytes, header says {end})"
     return None
