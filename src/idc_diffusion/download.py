@@ -115,7 +115,8 @@ def expected_count(row: Mapping[str, Any]) -> int | None:
 def listed_files(row: Mapping[str, Any]) -> ListedFiles | None:
     """name -> (size, MD5) of the series' objects when the cohort carries them
     (``instance_files``: ``<crdc_instance_uuid>.dcm <instance_size> <instance_hash>`` per
-    instance, ``;``-separated; BigQuery cohorts), else None."""
+    instance, ``;``-separated; BigQuery cohorts), else None (also when it does not list
+    every instance: CONCAT drops instances whose size or hash is NULL)."""
     text = cell(row, "instance_files")
     if not isinstance(text, str) or not text:
         return None
@@ -123,7 +124,7 @@ def listed_files(row: Mapping[str, Any]) -> ListedFiles | None:
     for item in text.split(";"):
         name, size, md5 = item.split(" ")
         listed[name] = (int(size), md5)
-    return listed
+    return listed if len(listed) == expected_count(row) else None  # else: rows lack a hash
 
 
 def series_entry(row: Mapping[str, Any], check: SeriesCheck) -> dict[str, Any]:
