@@ -129,6 +129,7 @@ def test_full_shard_ok(bucket, tmp_path, caplog):
 
 
 def test_bad_series_are_reported_not_raised(bucket, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     url, _ = bucket
     rows = pd.DataFrame([*GOOD, INCOMPLETE, ABSENT, TRUNCATED])
     shard_dir = tmp_path / "shard-0"
@@ -147,6 +148,9 @@ def test_bad_series_are_reported_not_raised(bucket, tmp_path, caplog):
         assert not (shard_dir / row["SeriesInstanceUID"]).exists()
     retry = (shard_dir / ".s5cmd" / "attempt-1.txt").read_text()
     assert retry.count("\n") == 3 and GOOD[0]["crdc_series_uuid"] not in retry
+    # the retry replaced the truncated file: bytes counted once, as they lie on disk
+    final = f"shard 0: 3/6 series, {human_bytes(report['bytes'])} of ~"
+    assert any(r.getMessage().startswith(final) for r in caplog.records), caplog.text
 
 
 def test_rerun_fetches_only_unverified_series(bucket, tmp_path):
