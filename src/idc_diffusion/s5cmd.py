@@ -293,7 +293,7 @@ def run_manifest(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     result = RunResult(code=0)
     with log_path.open("a") as out:
-        out.write("$ " + " ".join(argv) + "\n")
+        out.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S %z')}\n$ " + " ".join(argv) + "\n")
         out.flush()
         with subprocess.Popen(
             argv,
