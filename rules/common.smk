@@ -43,19 +43,11 @@ def whole_config():
     return lambda wildcards: text
 
 
+def shard_report(wildcards):
+    """The shard's download report, once its checkpoint has run: prepare's only DICOM input.
 
-def shard_dicom_files(wildcards):
-    """The verified DICOM files of a shard, listed once its download checkpoint has run.
-
-    As prepare inputs they make a changed file rerun that shard's prepare, and only that
-    shard's (Snakemake compares checksums, so a mere `touch` changes nothing). Listed from
-    the shard report's `ok` series: one directory listing per series.
+    The report holds a content digest per series (MD5s of its files, taken by download while
+    verifying), so prepare reruns when a series' bytes change and never because files were
+    touched, removed or archived: the head node neither lists nor hashes DICOM files.
     """
-    shard_report = Path(checkpoints.download.get(shard=wildcards.shard).output.report)
-    folder = shard_report.with_suffix("")
-    files = []
-    for series in json.loads(shard_report.read_text())["series"]:
-        if series["status"] == "ok":
-            series_dir = folder / series["SeriesInstanceUID"]
-            files += sorted(str(p) for p in series_dir.iterdir()) if series_dir.is_dir() else []
-    return files
+    return checkpoints.download.get(shard=wildcards.shard).output.report

@@ -1,5 +1,8 @@
-# A checkpoint: once a shard is downloaded, Snakemake re-evaluates the DAG, so prepare's
-# inputs list the shard's DICOM files as they are (shard_dicom_files in common.smk).
+# A checkpoint: prepare depends on the shard report (shard_report in common.smk), which holds
+# a content digest per series, so prepare reruns exactly when a series' bytes change; the
+# DICOM files are not inputs (removing or archiving them after prepare reruns nothing).
+# After editing files under results/dicom/shard-K/, `snakemake --forcerun
+# results/dicom/shard-K.json` re-verifies the shard (only changed files are read again).
 # The shard report is the rule's output; the series folders beside it are not declared,
 # so Snakemake never deletes them and an interrupted shard resumes where it stopped.
 # When more than download.max_failed_fraction of a shard's series fail, the job exits

@@ -1,8 +1,7 @@
 rule prepare:
     input:
         cohort=rules.cohort.output.cohort,
-        report=rules.download.output.report,
-        dicom=shard_dicom_files,
+        report=shard_report,
     output:
         images=directory("results/dataset/shard-{shard}/images"),
         records="results/dataset/shard-{shard}/records.parquet",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -157,12 +158,12 @@ def test_rerun_fetches_only_unverified_series(bucket, tmp_path):
     url, _ = bucket
     rows = pd.DataFrame([*GOOD, INCOMPLETE])
     shard_dir = tmp_path / "shard-0"
-    download_shard(rows, 0, shard_dir, tmp_path / "r.json", settings(url, retries=0))
+    first = download_shard(rows, 0, shard_dir, tmp_path / "r.json", settings(url, retries=0))
     kept = shard_dir / GOOD[0]["SeriesInstanceUID"]
     mtimes = {p: p.stat().st_mtime_ns for p in kept.iterdir()}
     stamp = json.loads((shard_dir / ".verified" / f"{kept.name}.json").read_text())["files"]
-    assert {name: size for name, (size, _) in stamp.items()} == {
-        p.name: p.stat().st_size for p in kept.iterdir()
+    assert {name: (size, md5) for name, (size, _, md5) in stamp.items()} == {
+        p.name: (p.stat().st_size, hashlib.md5(p.read_bytes()).hexdigest()) for p in kept.iterdir()
     }
     damaged = shard_dir / GOOD[1]["SeriesInstanceUID"]
     next(damaged.iterdir()).unlink()  # e.g. a user deleted a file: must be fetched again
@@ -175,6 +176,12 @@ def test_rerun_fetches_only_unverified_series(bucket, tmp_path):
     assert {line.split("/")[3] for line in manifest} == wanted
     assert {p: p.stat().st_mtime_ns for p in kept.iterdir()} == mtimes
     assert report["counts"]["ok"] == 3
+    # the same bytes (kept, or fetched again), the same digest; failed series have none
+    assert [s["digest"] for s in report["series"]] == [s["digest"] for s in first["series"]]
+    assert (
+        len({s["digest"] for s in first["series"][:3]}) == 3
+        and first["series"][3]["digest"] is None
+    )
 
     s5cmd_log = (shard_dir / ".s5cmd" / "s5cmd.log").read_text()
     download_shard(pd.DataFrame(GOOD), 0, shard_dir, tmp_path / "r.json", settings(url))

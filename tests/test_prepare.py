@@ -117,7 +117,7 @@ def shard(tmp_path_factory):
         ok("1.2.3.4"),
         ok("1.2.3.5", "incomplete", "3 of 5 files"),
         ok("1.2.3.6", "corrupt", "bad.dcm"),
-        ok("1.2.3.7"),
+        ok("1.2.3.7", "missing", "no files (expected 1)"),
     ]
     report = {"shard": 0, "source": "test", "pixel_source": "synthetic", "series": series}
     out = root / "out"
@@ -194,7 +194,7 @@ def test_download_failures_and_missing_folder(shard):
     assert rej.loc["1.2.3.5", "reason"] == "download incomplete: 3 of 5 files"
     assert rej.loc["1.2.3.5", "stage"] == "download"
     assert rej.loc["1.2.3.6", "reason"] == "download corrupt: bad.dcm"
-    assert rej.loc["1.2.3.7", "stage"] == "prepare" and "missing" in rej.loc["1.2.3.7", "reason"]
+    assert rej.loc["1.2.3.7", "reason"] == "download missing: no files (expected 1)"
     assert pd.isna(rej.loc["1.2.3.5", "file"]) and pd.isna(rej.loc["1.2.3.5", "slice_index"])
 
 
@@ -255,6 +255,28 @@ def test_empty_shard(tmp_path):
         REJECTED_DTYPES
     )
     assert (tmp_path / "o" / "images").is_dir()
+
+
+def test_series_ok_in_report_but_gone_stops_before_touching_outputs(tmp_path):
+    write_volume(tmp_path / "d" / "1.2.3.1", ct_phantom(2, SIZE), series_uid="1.2.3.1")
+    rows = pd.DataFrame(
+        [cohort_row("1.2.3.1", "CT", "CHEST"), cohort_row("1.2.3.9", "CT", "CHEST")]
+    )
+    report = {"shard": 0, "pixel_source": "idc", "series": [ok("1.2.3.1"), ok("1.2.3.9")]}
+    earlier = tmp_path / "o" / "images" / "earlier.png"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"png")
+    with pytest.raises(ValueError, match=r"d/1\.2\.3\.9: DICOM marked ok .* is gone"):
+        prepare_shard(rows, report, tmp_path / "d", tmp_path / "o", prepare_settings(), 0)
+    assert earlier.read_bytes() == b"png" and not (tmp_path / "o" / "records.parquet").exists()
+
+
+def test_no_image_from_a_non_empty_cohort_shard_stops(tmp_path):
+    rows = pd.DataFrame([cohort_row("1.2.3.5", "CT", "CHEST")])
+    report = {"shard": 4, "pixel_source": "idc", "series": [ok("1.2.3.5", "corrupt", "bad")]}
+    with pytest.raises(ValueError, match=r"shard 4: 0 images from the cohort's 1 series"):
+        prepare_shard(rows, report, tmp_path / "d", tmp_path / "o", prepare_settings(), 4)
+    assert not (tmp_path / "o" / "records.parquet").exists()
 
 
 def test_disallowed_caption_field_raises(tmp_path):

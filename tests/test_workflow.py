@@ -15,9 +15,9 @@ from conftest import REPO, snakemake
 pytestmark = pytest.mark.workflow
 
 
-def planned_jobs(workdir: Path, configfile: Path) -> dict[str, int]:
+def planned_jobs(workdir: Path, configfile: Path, *targets: str) -> dict[str, int]:
     """Rule -> job count of a dry run (empty when nothing is to be done)."""
-    out = snakemake(workdir, "-n", "--configfile", str(configfile)).stdout
+    out = snakemake(workdir, *targets, "-n", "--configfile", str(configfile)).stdout
     if "Nothing to be done" in out:
         return {}
     table = out.split("Job stats:")[1].split("total")[0]
@@ -216,23 +216,61 @@ def test_evaluation_option_reruns_only_evaluate(demo_run: Path, demo_raw: dict) 
     assert set(jobs) == {"evaluate", "all"}
 
 
-def test_changing_one_dicom_file_reruns_only_its_shard(demo_run: Path) -> None:
-    report = json.loads((demo_run / "results" / "dicom" / "shard-1.json").read_text())
-    series = next(s for s in report["series"] if s["status"] == "ok")
-    folder = demo_run / "results" / "dicom" / "shard-1" / series["SeriesInstanceUID"]
-    target = sorted(folder.iterdir())[0]
-    original = target.read_bytes()
+def test_removing_prepared_dicom_reruns_nothing(demo_run: Path) -> None:
+    dicom = demo_run / "results" / "dicom"
+    archived = demo_run / "archived-shard-0"
+    (dicom / "shard-0").rename(archived)
     try:
-        dataset = pydicom.dcmread(target)
-        dataset.ImageComments = f"{dataset.get('ImageComments', '')} (edited)"
-        dataset.save_as(target)
-        out = snakemake(demo_run, "-n", "--configfile", str(REPO / "config" / "demo.yaml")).stdout
-        assert re.findall(r"rule prepare:\n(?:.*\n)*?\s+wildcards: shard=(\d+)", out) == ["1"]
-        jobs = planned_jobs(demo_run, REPO / "config" / "demo.yaml")
-        assert jobs["prepare"] == 1 and "download" not in jobs and "cohort" not in jobs
+        assert planned_jobs(demo_run, REPO / "config" / "demo.yaml") == {}
     finally:
-        target.write_bytes(original)
-    assert planned_jobs(demo_run, REPO / "config" / "demo.yaml") == {}
+        archived.rename(dicom / "shard-0")
+
+
+DATASET = "results/dataset/summary.json"
+
+
+@pytest.fixture(scope="module")
+def dataset_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo run up to the merged dataset, in a folder of its own (tests change files)."""
+    workdir = tmp_path_factory.mktemp("dataset")
+    snakemake(workdir, "--configfile", str(REPO / "config" / "demo.yaml"), "-c2", DATASET)
+    return workdir
+
+
+def rerun_downloads(workdir: Path) -> tuple[dict[str, int], list[str]]:
+    """Force every download job (they re-verify their shard) up to the dataset: rule -> jobs
+    run, and the shards whose prepare ran."""
+    out = snakemake(
+        workdir, "--configfile", str(REPO / "config" / "demo.yaml"), "-c2", DATASET,
+        "--forcerun", "download",
+    ).stderr  # fmt: skip
+    ran = [m[1] for m in re.finditer(r"Finished jobid: \d+ \(Rule: (\w+)\)", out)]
+    shards = re.findall(r"rule prepare:\n(?:.*\n)*?\s+wildcards: shard=(\d+)", out)
+    return {rule: ran.count(rule) for rule in set(ran)}, shards
+
+
+def test_editing_one_dicom_file_reruns_only_its_shard(dataset_run: Path) -> None:
+    dicom = dataset_run / "results" / "dicom"
+    for path in (dicom / "shard-0").glob("*/*"):
+        path.touch()  # a bare touch changes no digest
+    report = json.loads((dicom / "shard-1.json").read_text())
+    series = next(s for s in report["series"] if s["status"] == "ok")
+    target = sorted((dicom / "shard-1" / series["SeriesInstanceUID"]).iterdir())[0]
+    dataset = pydicom.dcmread(target)
+    dataset.ImageComments = "edited"
+    dataset.save_as(target)
+    # DICOM files are no inputs: nothing is planned until download re-verifies
+    assert planned_jobs(dataset_run, REPO / "config" / "demo.yaml", DATASET) == {}
+    ran, shards = rerun_downloads(dataset_run)
+    assert ran == {"download": 2, "prepare": 1, "dataset": 1} and shards == ["1"]
+    digests = {s["SeriesInstanceUID"]: s["digest"] for s in report["series"]}
+    after = json.loads((dicom / "shard-1.json").read_text())["series"]
+    changed = [
+        s["SeriesInstanceUID"] for s in after if s["digest"] != digests[s["SeriesInstanceUID"]]
+    ]
+    assert changed == [series["SeriesInstanceUID"]]
+    ran, shards = rerun_downloads(dataset_run)  # nothing changed since
+    assert ran == {"download": 2} and shards == []
 
 
 def test_job_count_grows_with_shards_not_series(tmp_path: Path) -> None:

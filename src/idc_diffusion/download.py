@@ -3,7 +3,7 @@
 Layout under ``shard_dir``::
 
     <SeriesInstanceUID>/*.dcm    verified series only (moved in when they pass)
-    .verified/<SeriesInstanceUID>.json   size and mtime of each file when it was verified
+    .verified/<SeriesInstanceUID>.json   size, mtime and MD5 of each file when it was verified
     .partial/<SeriesInstanceUID>/  work in progress and series that failed verification
     .s5cmd/attempt-<n>.txt   the command files of the latest run
     .s5cmd/s5cmd.log         s5cmd's output, appended by every run (failed attempts stay)
@@ -65,14 +65,13 @@ SOURCES = ("idc", "local", "synthetic")
 PARTIAL = ".partial"
 S5CMD_DIR = ".s5cmd"
 ORIGIN = ".crdc_series_uuid"  # in a partial folder: the series version its files came from
-VERIFIED = ".verified"  # <uid>.json per verified series: file name -> [size, mtime_ns]
+VERIFIED = ".verified"  # <uid>.json per verified series: file name -> [size, mtime_ns, md5]
 LOCAL_INDEX = "local_index.parquet"  # beside the shard folders, shared by all shards
 SERIES_UID_RE = re.compile(r"^[0-9][0-9.]{0,127}$")  # also a safe folder name
 MAX_LISTED_FAILURES = 10
 CHECK_BATCH = 32  # landed files per verification task: waking the thread per file costs more
 DEFAULT_STALL_S = 300.0
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-UNCHANGED = FileCheck(None, None)  # a file verified earlier and unchanged since
 
 
 class DownloadFailed(RuntimeError):
@@ -137,6 +136,8 @@ def series_entry(row: Mapping[str, Any], check: SeriesCheck) -> dict[str, Any]:
         "bytes": check.bytes,
         "status": check.status,
         "reason": check.reason,
+        # what prepare's rerun decision rests on: changes exactly when the series' bytes do
+        "digest": check.digest,
     }
 
 
@@ -183,9 +184,11 @@ def stamp_path(final: Path) -> Path:
     return final.parent / VERIFIED / f"{final.name}.json"
 
 
-def promote(partial: Path, final: Path) -> None:
-    """Move a verified series folder into place, with a stamp of what was verified."""
-    write_json(stamp_path(final), {"files": stamp(partial)})
+def promote(partial: Path, final: Path, hashes: Mapping[str, str]) -> None:
+    """Move a verified series folder into place, with a stamp of what was verified (each
+    file's size, mtime and MD5)."""
+    files = {name: [*st, hashes[name]] for name, st in stamp(partial).items()}
+    write_json(stamp_path(final), {"files": files})
     (partial / ORIGIN).unlink(missing_ok=True)
     if final.exists():
         shutil.rmtree(final)
@@ -193,13 +196,18 @@ def promote(partial: Path, final: Path) -> None:
 
 
 def stamped(folder: Path) -> KnownFiles:
-    """Files of ``folder`` unchanged (size and mtime) since it was verified: known good."""
+    """Files of ``folder`` unchanged (size and mtime) since it was verified: known good, with
+    the MD5 recorded then. Any other file (edited, or from a stamp without MD5) is read."""
     try:
         recorded = json.loads(stamp_path(folder).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return {}
     now = stamp(folder)  # distinct instances were counted when the stamp was written
-    return {name: (now[name][0], UNCHANGED) for name in now if recorded.get(name) == now[name]}
+    return {
+        name: (size, FileCheck(None, None, str(recorded[name][2])))
+        for name, (size, mtime) in now.items()
+        if len(recorded.get(name) or ()) == 3 and recorded[name][:2] == [size, mtime]
+    }
 
 
 def already_done(rows: list[dict[str, Any]], shard_dir: Path) -> dict[str, SeriesCheck]:
@@ -259,7 +267,7 @@ def finish(row: Mapping[str, Any], shard_dir: Path, known: KnownFiles | None = N
     check = verify_series(partial, uid, expected_count(row) or 0, known, listed_files(row))
     if check.ok:
         try:
-            promote(partial, shard_dir / uid)
+            promote(partial, shard_dir / uid, check.hashes)
         except OSError as exc:  # e.g. no room for its stamp: it stays in .partial
             cause = s5cmd.error_cause(exc.strerror or "")
             return SeriesCheck("incomplete", f"{cause}: {exc}", check.files, check.bytes)

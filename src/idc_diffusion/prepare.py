@@ -60,6 +60,7 @@ from idc_diffusion.geometry import axis_fractions, center_crop, resample_to_fov,
 from idc_diffusion.imaging import foreground_fraction, resize_square, write_png
 from idc_diffusion.rows import cell
 from idc_diffusion.series import SeriesScan, SliceHeader, load_slices, scan_series
+from idc_diffusion.verify import series_files
 from idc_diffusion.windowing import (
     Lut,
     composite_to_uint8,
@@ -434,6 +435,25 @@ def _download_rejections(rows: pd.DataFrame, report: Mapping[str, Any]) -> dict[
     return out
 
 
+def check_dicom_present(rows: pd.DataFrame, report: Mapping[str, Any], dicom_dir: Path) -> None:
+    """ValueError when a series the download report marks ``ok`` has no folder of files
+    under ``dicom_dir`` (removed or archived after download): preparing now would silently
+    drop it, and an emptied shard would empty the dataset."""
+    ok = {str(s["SeriesInstanceUID"]) for s in report.get("series", []) if s["status"] == "ok"}
+    gone = [
+        uid
+        for uid in sorted(ok & set(rows["SeriesInstanceUID"].astype(str)))
+        if not series_files(dicom_dir / uid)
+    ]
+    if gone:
+        more = f" and {len(gone) - 1} more" if len(gone) > 1 else ""
+        raise ValueError(
+            f"{dicom_dir / gone[0]}{more}: DICOM marked ok in the download report is gone "
+            f"(removed or archived); restore it, or fetch it again with snakemake --forcerun "
+            f"{dicom_dir}.json (nothing was overwritten)"
+        )
+
+
 def _series_task(task: tuple) -> tuple[list[dict], list[dict]]:
     """One pool task: prepare a series, turning any error into a rejection of that series."""
     row, series_dir, out_dir, settings, shard, pixel_source, terms = task
@@ -478,6 +498,7 @@ def prepare_shard(
         except ValueError as exc:
             raise ValueError(f"prepare.caption.modality_parts.{modality}: {exc}") from exc
     dicom_dir, out_dir = Path(dicom_dir), Path(out_dir)
+    check_dicom_present(rows, report, dicom_dir)
     images = out_dir / "images"
     images.mkdir(parents=True, exist_ok=True)
     for stale in images.glob("*.png"):
@@ -500,6 +521,13 @@ def prepare_shard(
         rejected += rejs
     record_frame = _frame(records, RECORD_DTYPES)
     rejected_frame = _frame(rejected, REJECTED_DTYPES)
+    if len(rows) and record_frame.empty:
+        reasons = rejected_frame["reason"].value_counts().head(3).to_dict()
+        raise ValueError(
+            f"shard {shard}: 0 images from the cohort's {rows['SeriesInstanceUID'].nunique()} "
+            f"series (commonest rejections: {reasons}); check {dicom_dir} and the download "
+            "report, or the prepare settings"
+        )
     record_frame.to_parquet(out_dir / "records.parquet", index=False)
     rejected_frame.to_parquet(out_dir / "rejected.parquet", index=False)
     long_captions = int((record_frame["text_tokens"] > caption.get("max_tokens", 77)).sum())

@@ -18,7 +18,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from idc_diffusion.dicom_header import Header, read_header
+from idc_diffusion.hashing import key_digest
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +38,26 @@ S5CMD_TEMPORARY = re.compile(r"\.dcm\d+$")  # s5cmd's CreateTemp(dir, name + "*"
 
 @dataclass(frozen=True)
 class SeriesCheck:
-    """Outcome of verifying one series folder."""
+    """Outcome of verifying one series folder; an ``ok`` one carries the MD5 of each file."""
 
     status: str
     reason: str
     files: int
     bytes: int
+    hashes: Mapping[str, str] = field(default_factory=dict, repr=False)  # name -> MD5
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def digest(self) -> str | None:
+        """Content digest of an ``ok`` series (None otherwise): a SHA-256 over its sorted
+        (file name, MD5) pairs, so it changes exactly when a file is renamed, added, removed
+        or its bytes change (never on a bare ``touch``)."""
+        if not self.ok:
+            return None
+        return key_digest(*(f"{n} {h}" for n, h in sorted(self.hashes.items()))).hex()
 
 
 def is_temporary(name: str) -> bool:
@@ -155,11 +166,12 @@ def fast_check(path: str | Path, series_uid: str) -> Header | None:
 
 
 class FileCheck(NamedTuple):
-    """Outcome of checking one instance file: its SOPInstanceUID, and its problem (prefixed
-    by the file name) or None when it is fine."""
+    """Outcome of checking one instance file: its SOPInstanceUID, its problem (prefixed by
+    the file name) or None when it is fine, and the MD5 of its bytes when it is fine."""
 
     sop_uid: str | None
     problem: str | None
+    md5: str | None = None
 
 
 def pydicom_check(path: str | Path, series_uid: str) -> FileCheck:
@@ -187,14 +199,19 @@ def pydicom_check(path: str | Path, series_uid: str) -> FileCheck:
 ListedFiles = Mapping[str, tuple[int, str]]
 
 
+def file_md5(path: str | Path) -> str:
+    """MD5 of a file's bytes (hex): the hash IDC lists as each instance's ``instance_hash``."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "md5").hexdigest()
+
+
 def content_problem(path: str | Path, size: int, md5: str) -> str | None:
     """Why the file's bytes differ from the source's size and MD5, or None."""
     try:
         actual = os.stat(path).st_size
         if actual != size:
             return f"{actual} bytes, the source lists {size} (instance_size)"
-        with open(path, "rb") as handle:
-            digest = hashlib.file_digest(handle, "md5").hexdigest()
+        digest = file_md5(path)
     except OSError as exc:
         return f"unreadable ({exc.strerror or exc})"
     if digest != md5.lower():
@@ -205,13 +222,22 @@ def content_problem(path: str | Path, size: int, md5: str) -> str | None:
 def check_file(
     path: str | Path, series_uid: str, listed: tuple[int, str] | None = None
 ) -> FileCheck:
-    """Check one instance file (against its source size and MD5 when ``listed``)."""
+    """Check one instance file (against its source size and MD5 when ``listed``); a fine
+    file's check carries its MD5 (the listed one, already compared, or read now while the
+    file is in the page cache: a download reads every byte anyway)."""
+    name = os.path.basename(path)
     if listed is not None and (problem := content_problem(path, *listed)):
-        return FileCheck(None, f"{os.path.basename(path)}: {problem}")
+        return FileCheck(None, f"{name}: {problem}")
     header = fast_check(path, series_uid)
-    return (
+    check = (
         FileCheck(header.sop_uid, None) if header is not None else pydicom_check(path, series_uid)
     )
+    if check.problem is not None:
+        return check
+    try:
+        return check._replace(md5=listed[1].lower() if listed else file_md5(path))
+    except OSError as exc:
+        return FileCheck(check.sop_uid, f"{name}: unreadable ({exc.strerror or exc})")
 
 
 # name -> (size, check) of files checked earlier (e.g. during download)
@@ -288,4 +314,5 @@ def verify_series(
     reason = count_problem(list(files), distinct, expected_instances, listed)
     if reason:
         return SeriesCheck("incomplete", reason, len(files), size)
-    return SeriesCheck("ok", "", len(files), size)
+    hashes = {name: str(check.md5) for name, check in checks.items()}
+    return SeriesCheck("ok", "", len(files), size, hashes)
