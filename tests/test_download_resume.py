@@ -85,6 +85,34 @@ def test_server_killed_mid_shard_then_rerun_completes(tmp_path):
         assert len(list((shard_dir / row["SeriesInstanceUID"]).iterdir())) == PER_SERIES
 
 
+def test_series_moved_by_a_shard_count_change_is_linked_not_fetched(tmp_path):
+    source = tmp_path / "source"
+    for row in ROWS:
+        write_synthetic_series(row, source / row["SeriesInstanceUID"], matrix=32)
+    with moto_process(log_path=tmp_path / "server.log") as s3:
+        upload_all(s3, source)
+        options = settings(s3.url, retries=0)
+        old = download_shard(
+            pd.DataFrame(ROWS), 0, tmp_path / "shard-0", tmp_path / "0.json", options
+        )
+        gets = s3.object_gets()
+        assert sum(gets.values()) == N_SERIES * PER_SERIES
+        moved = [row["SeriesInstanceUID"] for row in ROWS[::4]]  # now in shard 1
+        before = {uid: snapshot(tmp_path / "shard-0" / uid) for uid in moved}
+        rows = pd.DataFrame(ROWS[::4])
+        new = download_shard(rows, 1, tmp_path / "shard-1", tmp_path / "1.json", options)
+        assert s3.object_gets() == gets  # not one more GET
+        assert {uid: snapshot(tmp_path / "shard-1" / uid) for uid in moved} == before  # same inodes
+        assert new["counts"]["ok"] == len(moved)
+        assert [by_uid(new)[uid]["digest"] for uid in moved] == [
+            by_uid(old)[uid]["digest"] for uid in moved
+        ]
+        assert not any((tmp_path / "shard-0" / uid).exists() for uid in moved)  # stale copy gone
+        assert not any(
+            (tmp_path / "shard-0" / ".verified" / f"{uid}.json").exists() for uid in moved
+        )
+
+
 # ------------------------------------------------------------------ the client is killed
 
 KILL_ROWS = [cohort_row(str(200 + i), "CT", 8) for i in range(10)]

@@ -60,3 +60,13 @@ def test_shard_is_stable_in_range_and_balanced() -> None:
     assert counts.min() > 800
     # the shard depends only on the UID: adding series never moves an existing one
     assert shard_of(uids[0], 8) == shards[0]
+
+
+def test_growing_the_shard_count_moves_only_what_must_move() -> None:
+    uids = [f"1.2.840.{i}" for i in range(65_000)]
+    before = [shard_of(u, 64) for u in uids]
+    after = [shard_of(u, 65) for u in uids]
+    moved = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
+    assert all(b == 64 for _, b in moved)  # only into the new shard
+    assert 0.8 / 65 < len(moved) / len(uids) < 1.2 / 65  # expected 1/65 (modulo: 64/65)
+    assert pd.Series(after).value_counts().min() > 800

@@ -234,6 +234,40 @@ def already_done(rows: list[dict[str, Any]], shard_dir: Path) -> dict[str, Serie
     return done
 
 
+def adopt_moved(rows: list[dict[str, Any]], shard_dir: Path) -> dict[str, SeriesCheck]:
+    """Checks of series found verified in another shard's folder (``n_shards`` changed):
+    their files are hard-linked in (no byte copied or fetched), verified from that folder's
+    stamp without reading them, and the stale copy is removed."""
+    others = [d for d in sorted(shard_dir.parent.glob("shard-*")) if d.is_dir() and d != shard_dir]
+    checks = {}
+    for row in rows:
+        uid = str(row["SeriesInstanceUID"])
+        source = next((d / uid for d in others if (d / uid).is_dir()), None)
+        if source is None or (shard_dir / uid).exists():
+            continue
+        known = stamped(source)
+        partial = shard_dir / PARTIAL / uid
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        try:
+            for name in series_files(source):
+                os.link(source / name, partial / name)
+        except OSError as exc:  # another file system, or no hard links: fetch it instead
+            log.warning("%s: cannot link it from %s (%s); fetching it", uid, source, exc)
+            shutil.rmtree(partial)
+            continue
+        check = finish(row, shard_dir, known)
+        if not check.ok:
+            log.warning("%s: the copy in %s fails verification (%s)", uid, source, check.reason)
+            shutil.rmtree(partial)
+            continue
+        shutil.rmtree(source)
+        stamp_path(source).unlink(missing_ok=True)
+        log.info("%s: linked from %s (the shard count changed)", uid, source.parent.name)
+        checks[uid] = check
+    return checks
+
+
 def precheck(row: Mapping[str, Any], source: str) -> SeriesCheck | None:
     """A 'missing' result for rows that must not or cannot be fetched, else None.
 
@@ -627,8 +661,16 @@ def get_series(
     now."""
     shard_dir.mkdir(parents=True, exist_ok=True)
     checks = already_done(rows, shard_dir)
+    moved = adopt_moved([r for r in rows if str(r["SeriesInstanceUID"]) not in checks], shard_dir)
+    checks.update(moved)
     todo = [row for row in rows if str(row["SeriesInstanceUID"]) not in checks]
-    log.info("shard %d: %d series verified earlier, %d to do", shard, len(checks), len(todo))
+    log.info(
+        "shard %d: %d series verified earlier (%d of them in another shard's folder), %d to do",
+        shard,
+        len(checks),
+        len(moved),
+        len(todo),
+    )
     if todo:
         interval = float(settings.get("progress_interval_s", 10.0))
         expected = None if source == "synthetic" else expected_bytes(todo)  # phantoms are smaller

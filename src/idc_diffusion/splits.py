@@ -1,7 +1,8 @@
 """Deterministic, order-independent assignment of patients to splits and series to shards.
 
 Both use a SHA-256 of stable identifiers, so a patient keeps its split and a series keeps
-its shard when the cohort grows, shrinks or is reordered.
+its shard when the cohort grows, shrinks or is reordered. Shards use jump consistent hashing,
+so growing ``n_shards`` from n to m moves only the (m - n) / m of the series that must move.
 """
 
 from __future__ import annotations
@@ -20,9 +21,21 @@ def unit_hash(*parts: object) -> float:
     return int.from_bytes(key_digest(*parts)[:8], "big") / 2**64
 
 
+def jump_hash(key: int, buckets: int) -> int:
+    """Jump consistent hash of a 64-bit ``key`` into ``buckets`` (Lamping & Veach 2014):
+    uniform, and going from n to n + 1 buckets moves a key only into the new bucket, with
+    probability 1 / (n + 1)."""
+    bucket, jump = -1, 0
+    while jump < buckets:
+        bucket = jump
+        key = (key * 2862933555777941757 + 1) % 2**64
+        jump = int((bucket + 1) * (2**31 / ((key >> 33) + 1)))
+    return bucket
+
+
 def shard_of(series_uid: str, n_shards: int) -> int:
-    """Shard of a series: a stable hash of its SeriesInstanceUID modulo `n_shards`."""
-    return int.from_bytes(key_digest(series_uid)[:8], "big") % n_shards
+    """Shard of a series: the jump consistent hash of a stable hash of its UID."""
+    return jump_hash(int.from_bytes(key_digest(series_uid)[:8], "big"), n_shards)
 
 
 def split_of(u: float, fractions: Mapping[str, float]) -> str:
