@@ -8,9 +8,11 @@ Each Snakemake rule runs exactly one of these commands with its config section a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from idc_diffusion.config import ConfigError, load_config
+from idc_diffusion.owner import FolderBusy, owned
 
 log = logging.getLogger("idc_diffusion")
 
@@ -51,6 +54,12 @@ def _shard_rows(cohort: Path, shard: int) -> pd.DataFrame:
     return frame[frame["shard"] == shard].reset_index(drop=True)
 
 
+def _writer(out_dir: Path) -> contextlib.AbstractContextManager:
+    """The output folder's owner lock (:mod:`idc_diffusion.owner`), held by the process that
+    writes it: rank 0 under a DDP launch."""
+    return owned(out_dir) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+
+
 def cmd_cohort(args: argparse.Namespace) -> None:
     from idc_diffusion.cohort import run_cohort
 
@@ -74,7 +83,7 @@ def cmd_download(args: argparse.Namespace) -> None:
     rows = _shard_rows(Path(args.cohort), args.shard)
     settings = _settings(args, "download")
     try:
-        with signals_interrupt():
+        with _writer(Path(args.out_dir)), signals_interrupt():
             download_shard(rows, args.shard, Path(args.out_dir), Path(args.report), settings)
     except DownloadFailed as exc:  # the report is written (shard-K.failed.json); stop here
         log.error("download failed:\n%s", exc)
@@ -146,13 +155,14 @@ def cmd_train(args: argparse.Namespace) -> None:
         provenance["collections"] = {str(k): int(v) for k, v in counts.items()}
     latent_dir = Path(args.latent_dir) if args.latent_dir else None
     try:
-        train(
-            _settings(args, "train"),
-            Path(args.dataset_dir),
-            Path(args.out_dir),
-            provenance,
-            latent_dir=latent_dir,
-        )
+        with _writer(Path(args.out_dir)):
+            train(
+                _settings(args, "train"),
+                Path(args.dataset_dir),
+                Path(args.out_dir),
+                provenance,
+                latent_dir=latent_dir,
+            )
     except TrainingInterrupted as stop:  # checkpoint written: exit like the signal would
         print(f"train: {stop}; rerun to resume", file=sys.stderr)
         sys.exit(128 + stop.signum)
@@ -306,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, FolderBusy) as exc:
         log.error("%s failed: %s", args.stage, exc)
         print(f"idc-diffusion {args.stage}: error: {exc}", file=sys.stderr)
         return 2
