@@ -80,7 +80,7 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path: 
     data = write_dataset(tmp_path / "data", train=4, val=0)
     out = tmp_path / "model"
     options = {"learning_rate": 1e30, "lr_warmup_steps": 0, "checkpointing_steps": 1,
-               "checkpoints_total_limit": 10, "max_steps": 20}  # fmt: skip
+               "checkpoints_total_limit": 10, "max_steps": 20, "heldout_max_images": 0}  # fmt: skip
     with pytest.raises(NonFiniteLoss, match=r"at step (\d+)") as error:
         train(settings(**options), data, out, PROVENANCE)
     step = int(error.value.args[0].split("at step ")[1].split()[0])

@@ -67,7 +67,8 @@ def test_card_names_mode_and_non_commercial_license(lora_run: tuple[Path, dict])
 
 def test_text_encoder_training_uses_its_own_rate(tmp_path: Path) -> None:
     data = write_dataset(tmp_path / "data", train=4, val=0)
-    options = {"train_text_encoder": True, "text_encoder_learning_rate": 1e-6, "max_steps": 2}
+    options = {"train_text_encoder": True, "text_encoder_learning_rate": 1e-6, "max_steps": 2,
+               "heldout_max_images": 0}  # fmt: skip
     summary = train(settings(**options), data, tmp_path / "model", PROVENANCE)
     assert summary["train_text_encoder"] and summary["heldout_loss_base"] is None
     saved = StableDiffusionPipeline.from_pretrained(tmp_path / "model").text_encoder.state_dict()

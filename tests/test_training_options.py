@@ -21,7 +21,7 @@ def test_8bit_adam_without_bitsandbytes_is_a_clear_error(
     data = write_dataset(tmp_path / "data", train=2, val=0)
     monkeypatch.setattr(training, "load_base_pipeline", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(ValueError, match=r"adamw_8bit.*bitsandbytes.*optimizer: adamw"):
-        train(settings(optimizer="adamw_8bit"), data, tmp_path / "m", {})
+        train(settings(optimizer="adamw_8bit", heldout_max_images=0), data, tmp_path / "m", {})
 
 
 def test_unknown_mode_is_rejected(tmp_path: Path) -> None:
@@ -52,3 +52,12 @@ def test_adamw_is_fused_except_under_fp16() -> None:
     assert not training.make_optimizer(fp16, groups).defaults["fused"]
     meta = [{"params": [torch.nn.Parameter(torch.zeros(3, device="meta"))]}]
     assert not training.fusable(meta)
+
+
+def test_empty_heldout_split_is_a_clear_error(tmp_path: Path) -> None:
+    data = write_dataset(tmp_path / "data", train=2, val=0)
+    with pytest.raises(
+        ValueError, match=r"no held-out images: .*val/metadata\.jsonl .*heldout_max_images: 0"
+    ):
+        train(settings(), data, tmp_path / "m", {})
+    assert not (tmp_path / "m" / "model_index.json").exists()

@@ -339,6 +339,12 @@ def load_splits(settings: Mapping[str, Any], data_dir: Path) -> tuple[Split, Spl
     resolution = image_resolution(train_split)
     heldout = read_split(data_dir, settings["heldout_split"])
     limit = settings["heldout_max_images"]
+    if limit and len(heldout) == 0:
+        raise ValueError(
+            f"no held-out images: {heldout.metadata} is missing or empty (its DICOM removed "
+            "before prepare ran, or a cohort too small for the split); rerun prepare/dataset, "
+            "or set train.heldout_max_images: 0 to train without a held-out loss"
+        )
     heldout = Split(
         heldout.name,
         heldout.metadata,
