@@ -273,6 +273,16 @@ def test_editing_one_dicom_file_reruns_only_its_shard(dataset_run: Path) -> None
     assert ran == {"download": 2} and shards == []
 
 
+def test_download_setting_reruns_downloads_but_nothing_after(
+    dataset_run: Path, demo_raw: dict
+) -> None:
+    demo_raw["download"]["progress_interval_s"] = 3.0
+    config = write_config(dataset_run / "progress.yaml", demo_raw)
+    out = snakemake(dataset_run, "--configfile", str(config), "-c2", DATASET).stderr
+    ran = re.findall(r"Finished jobid: \d+ \(Rule: (\w+)\)", out)
+    assert ran == ["download"] * int(demo_raw["n_shards"])  # same reports: prepare is skipped
+
+
 def test_job_count_grows_with_shards_not_series(tmp_path: Path) -> None:
     real = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     real["n_shards"] = 64
