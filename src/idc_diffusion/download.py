@@ -12,7 +12,11 @@ s5cmd writes each object into ``.partial``; a series is verified and moved into 
 soon as all its files have landed, while the rest of the shard downloads. A rerun (after a
 failure, a kill or a SLURM time limit) keeps the verified folders and ``.partial``: files
 there are checked, bad ones and s5cmd's temporary files removed, and s5cmd
-(``cp --if-size-differ``) fetches only the objects still missing.
+(``cp --if-size-differ``) fetches only the objects still missing. A series found verified
+in another shard's folder (``n_shards`` changed) is hard-linked in, not fetched again.
+
+Each ``ok`` series carries a content digest in the report (over its files' MD5s, taken while
+verifying): prepare depends on the report, never on the DICOM files themselves.
 
 Sources: ``idc`` (s5cmd from IDC's buckets on AWS, Google Cloud Storage or a mirror),
 ``local`` (DICOM already on disk under ``local_root``, hard-linked in) and ``synthetic``
