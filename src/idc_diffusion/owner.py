@@ -112,14 +112,11 @@ def claim(path: Path, me: Mapping[str, Any]) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def owned(folder: Path) -> Iterator[None]:
-    """Hold ``folder``'s lock for the block; raises :class:`FolderBusy` when a live job holds
-    it. Two jobs taking over the same stale lock at the same instant is not guarded against
-    (Snakemake starts one job per output)."""
-    folder = Path(folder)
+def take(folder: Path, me: Mapping[str, Any]) -> Path:
+    """Create ``folder``'s lock for ``me``, taking over a stale one; its path. Raises
+    :class:`FolderBusy` when a live job holds it, OSError when it cannot be written."""
     folder.mkdir(parents=True, exist_ok=True)
-    path, me = folder / LOCK_NAME, identity()
+    path = folder / LOCK_NAME
     while not claim(path, me):
         try:
             owner = json.loads(path.read_text())
@@ -134,6 +131,22 @@ def owned(folder: Path) -> Iterator[None]:
             )
         log.warning("%s: taking over the stale lock of %s", folder, describe(owner))
         path.unlink(missing_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def owned(folder: Path) -> Iterator[None]:
+    """Hold ``folder``'s lock for the block; raises :class:`FolderBusy` when a live job holds
+    it. A folder where no lock can be written (read-only, full) is used without one: the job
+    cannot write there either, and reports that itself. Two jobs taking over the same stale
+    lock at the same instant is not guarded against (Snakemake starts one job per output)."""
+    me = identity()
+    try:
+        path = take(Path(folder), me)
+    except OSError as exc:
+        log.warning("%s: no owner lock (%s)", folder, exc.strerror or exc)
+        yield
+        return
     try:
         yield
     finally:
