@@ -110,3 +110,22 @@ def test_download_cli_stops_on_a_live_owner(tmp_path: Path, live_pid: int) -> No
     assert result.returncode == 2, result.stderr
     assert not (tmp_path / "r.json").exists() and not (shard_dir / "1.2.3").exists()
     assert f"is being written by pid {live_pid}" in result.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_train_cli_lock_is_taken_by_rank_zero_only(
+    tmp_path: Path, live_pid: int, rank: str
+) -> None:
+    out = tmp_path / "model"
+    lock(out, pid=live_pid)
+    (tmp_path / "cohort").mkdir()
+    (tmp_path / "cohort" / "summary.json").write_text("{}")
+    result = subprocess.run(
+        [sys.executable, "-m", "idc_diffusion", "train", "--settings", "{}", "--run-name", "t",
+         "--dataset-dir", str(tmp_path / "data"), "--cohort-dir", str(tmp_path / "cohort"),
+         "--out-dir", str(out)],
+        capture_output=True, text=True, env={**os.environ, "RANK": rank},
+    )  # fmt: skip
+    busy = f"is being written by pid {live_pid}" in result.stderr
+    assert busy is (rank == "0"), result.stderr  # rank 1 goes on (and fails on the data)
+    assert result.returncode != 0 and not (out / "model_index.json").exists()
