@@ -46,7 +46,7 @@ def whole_config():
 def shard_report(wildcards):
     """The shard's download report, once its checkpoint has run: prepare's only DICOM input.
 
-    The report holds a content digest per series (MD5s of its files, taken by download while
+    The report holds a content digest per series (hashes of its files, taken by download while
     verifying), so prepare reruns when a series' bytes change and never because files were
     touched, removed or archived: the head node neither lists nor hashes DICOM files.
     """

@@ -162,8 +162,9 @@ def test_rerun_fetches_only_unverified_series(bucket, tmp_path):
     kept = shard_dir / GOOD[0]["SeriesInstanceUID"]
     mtimes = {p: p.stat().st_mtime_ns for p in kept.iterdir()}
     stamp = json.loads((shard_dir / ".verified" / f"{kept.name}.json").read_text())["files"]
-    assert {name: (size, md5) for name, (size, _, md5) in stamp.items()} == {
-        p.name: (p.stat().st_size, hashlib.md5(p.read_bytes()).hexdigest()) for p in kept.iterdir()
+    assert {name: (size, content) for name, (size, _, content) in stamp.items()} == {
+        p.name: (p.stat().st_size, "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in kept.iterdir()
     }
     damaged = shard_dir / GOOD[1]["SeriesInstanceUID"]
     next(damaged.iterdir()).unlink()  # e.g. a user deleted a file: must be fetched again

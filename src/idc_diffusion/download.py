@@ -3,7 +3,7 @@
 Layout under ``shard_dir``::
 
     <SeriesInstanceUID>/*.dcm    verified series only (moved in when they pass)
-    .verified/<SeriesInstanceUID>.json   size, mtime and MD5 of each file when it was verified
+    .verified/<SeriesInstanceUID>.json   size, mtime and content hash of each file when verified
     .partial/<SeriesInstanceUID>/  work in progress and series that failed verification
     .s5cmd/attempt-<n>.txt   the command files of the latest run
     .s5cmd/s5cmd.log         s5cmd's output, appended by every run (failed attempts stay)
@@ -15,7 +15,7 @@ there are checked, bad ones and s5cmd's temporary files removed, and s5cmd
 (``cp --if-size-differ``) fetches only the objects still missing. A series found verified
 in another shard's folder (``n_shards`` changed) is hard-linked in, not fetched again.
 
-Each ``ok`` series carries a content digest in the report (over its files' MD5s, taken while
+Each ``ok`` series carries a content digest in the report (over its files' hashes, taken while
 verifying): prepare depends on the report, never on the DICOM files themselves.
 
 Sources: ``idc`` (s5cmd from IDC's buckets on AWS, Google Cloud Storage or a mirror),
@@ -69,7 +69,9 @@ SOURCES = ("idc", "local", "synthetic")
 PARTIAL = ".partial"
 S5CMD_DIR = ".s5cmd"
 ORIGIN = ".crdc_series_uuid"  # in a partial folder: the series version its files came from
-VERIFIED = ".verified"  # <uid>.json per verified series: file name -> [size, mtime_ns, md5]
+VERIFIED = (
+    ".verified"  # <uid>.json per verified series: file name -> [size, mtime_ns, content hash]
+)
 LOCAL_INDEX = "local_index.parquet"  # beside the shard folders, shared by all shards
 SERIES_UID_RE = re.compile(r"^[0-9][0-9.]{0,127}$")  # also a safe folder name
 MAX_LISTED_FAILURES = 10
@@ -190,7 +192,7 @@ def stamp_path(final: Path) -> Path:
 
 def promote(partial: Path, final: Path, hashes: Mapping[str, str]) -> None:
     """Move a verified series folder into place, with a stamp of what was verified (each
-    file's size, mtime and MD5)."""
+    file's size, mtime and content hash)."""
     files = {name: [*st, hashes[name]] for name, st in stamp(partial).items()}
     write_json(stamp_path(final), {"files": files})
     (partial / ORIGIN).unlink(missing_ok=True)
@@ -201,7 +203,7 @@ def promote(partial: Path, final: Path, hashes: Mapping[str, str]) -> None:
 
 def stamped(folder: Path) -> KnownFiles:
     """Files of ``folder`` unchanged (size and mtime) since it was verified: known good, with
-    the MD5 recorded then. Any other file (edited, or from a stamp without MD5) is read."""
+    the content hash recorded then. Any other file (edited, or an older stamp) is read."""
     try:
         recorded = json.loads(stamp_path(folder).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
