@@ -220,3 +220,26 @@ def test_replacement_slices_stay_in_their_sub_band():
     assert band_candidates(3, 8) == {0: [], 1: [], 2: []}
     fractions = np.linspace(0, 1, 11)
     assert nearest_candidates(fractions, [0.0, 0.5]) == {0: [1, 2], 5: [4, 6, 3, 7, 8, 9, 10]}
+
+
+def test_radiograph_windows_are_read_per_file(tmp_path):
+    ramp = np.tile(np.linspace(0, 4095, 16).astype(np.uint16), (16, 1))
+    folder = tmp_path / "dicom" / "1.2.8"
+    for name, number, center, width in [("a.dcm", 1, 2048.0, 4096.0), ("b.dcm", 2, 1024.0, 2048.0)]:
+        write_radiograph(
+            folder / name,
+            ramp,
+            center=center,
+            width=width,
+            photometric="MONOCHROME2",
+            instance_number=number,
+            series_uid="1.2.8",
+        )
+    rows = pd.DataFrame([cohort_row("1.2.8", "DX", "CHEST")])
+    settings = prepare_settings(resolution=16, slices_per_series=2)
+    records, _ = prepare_shard(
+        rows, {"series": [ok("1.2.8")]}, tmp_path / "dicom", tmp_path / "out", settings, 0
+    )
+    assert records.sort_values("slice_index").window_center.tolist() == [2048.0, 1024.0]
+    a, b = (np.asarray(Image.open(tmp_path / "out" / f)) for f in records.file_name)
+    assert b[8, 8] == 255 and a[8, 8] < 200  # stored 2048..4095 saturate b's narrower window

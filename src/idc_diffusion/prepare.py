@@ -20,8 +20,9 @@ selected slices whatever the shard size):
    ``default``), one image per window, or one RGB image whose channels are the
    ``ct_composite`` presets. MR is normalised to its volume's ``mr_percentiles`` (window name
    ``percentile``; statistics from up to 32 evenly spaced slices). Radiographs and other
-   modalities use the file's VOI LUT Sequence item (``voi_lut``), else its WindowCenter/Width
-   (``voi``), number ``voi_index`` (the last when there are fewer), else percentiles.
+   modalities use each file's own VOI LUT Sequence item (``voi_lut``), else its
+   WindowCenter/Width (``voi``), number ``voi_index`` (the last when there are fewer), else
+   the series' percentiles.
    MONOCHROME1 images (PhotometricInterpretation of each file) are inverted after windowing
    so dense tissue is bright.
 4. Quality filters, each counted in ``rejected`` by category: body fraction (CT: HU > -500;
@@ -297,21 +298,26 @@ def _stats_indices(n: int) -> list[int]:
     return select_indices(n, min(n, STATS_MAX_SLICES))
 
 
+def voi_window(header: SliceHeader, settings: Mapping[str, Any]) -> Window | None:
+    """A file's own display window: its VOI LUT Sequence item, else its WindowCenter/Width
+    (number ``voi_index``, the last when there are fewer); None when it has neither."""
+    index = int(settings.get("voi_index", 0))
+    lut = pick(header.voi_luts, index)
+    if lut is not None:
+        return Window("voi_lut", None, None, lut=lut[1], voi_index=lut[0])
+    voi = pick(header.windows, index)
+    if voi is not None:
+        return Window("voi", voi[1][0], voi[1][1], voi_index=voi[0])
+    return None
+
+
 def series_windows(
     modality: str, body_part: str | None, scan: SeriesScan, settings: Mapping[str, Any]
 ) -> list[Window]:
-    """The windows one series is rendered with (see the module docstring)."""
+    """The windows of a series' slices that are not shown with their own VOI window: the
+    CT presets, else percentiles of the volume (see the module docstring)."""
     if modality == "CT":
         return ct_windows(body_part, settings)
-    if modality != "MR":
-        first: SliceHeader = scan.slices[0]
-        index = int(settings.get("voi_index", 0))
-        lut = pick(first.voi_luts, index)
-        if lut is not None:
-            return [Window("voi_lut", None, None, lut=lut[1], voi_index=lut[0])]
-        voi = pick(first.windows, index)
-        if voi is not None:
-            return [Window("voi", voi[1][0], voi[1][1], voi_index=voi[0])]
     stats = load_slices(scan, _stats_indices(len(scan.slices))).volume
     return [percentile_window(stats, settings["mr_percentiles"])]
 
@@ -347,7 +353,13 @@ def prepare_series(
         _reject(uid, r.reason, "prepare", r.file, _index_of(scan, r.file), r.category)
         for r in volume.rejected[len(scan.rejected) :]
     ]
-    windows = series_windows(modality, body_part, scan, settings)
+    own_voi: dict[int, Window | None] = {}  # radiographs etc.: each file's own VOI window
+    if modality not in ("CT", "MR"):
+        pairs = zip(volume.slice_indices, volume.headers, strict=True)
+        own_voi = {index: voi_window(header, settings) for index, header in pairs}
+    series_wins = []
+    if modality in ("CT", "MR") or None in own_voi.values():
+        series_wins = series_windows(modality, body_part, scan, settings)
     thirds = axis_fractions(scan.z_mm)
     caption = settings["caption"]
     parts = parts_for(modality, caption)
@@ -357,6 +369,8 @@ def prepare_series(
         volume.volume, volume.slice_indices, volume.positions_mm, volume.headers, strict=True
     ):
         file = header.name
+        own = own_voi.get(index)
+        windows = [own] if own is not None else series_wins
         images = [render(values, w, header.photometric) for w in windows]
         problem = quality_problem(values, images[0], modality, settings)
         if problem is not None:
