@@ -2,10 +2,12 @@
 the good slices of the same series are written with the right pixels, and no caption is empty."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from dicom_factory import (
     ct_phantom,
     make_dataset,
@@ -30,6 +32,7 @@ from idc_diffusion.prepare import (
     prepare_shard,
     select_indices,
 )
+from idc_diffusion.series import MAX_FRAME_PIXELS
 
 SIZE = 32
 WATER = (SIZE // 2, SIZE // 4)  # water disc, outside the bone square: HU == slice k
@@ -243,3 +246,15 @@ def test_radiograph_windows_are_read_per_file(tmp_path):
     assert records.sort_values("slice_index").window_center.tolist() == [2048.0, 1024.0]
     a, b = (np.asarray(Image.open(tmp_path / "out" / f)) for f in records.file_name)
     assert b[8, 8] == 255 and a[8, 8] < 200  # stored 2048..4095 saturate b's narrower window
+
+
+def test_frame_size_limit_is_configured_under_prepare(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    schema = yaml.safe_load((repo / "config" / "schema.yaml").read_text())
+    config = yaml.safe_load((repo / "config" / "config.yaml").read_text())
+    default = schema["properties"]["prepare"]["properties"]["max_frame_pixels"]["default"]
+    assert default == config["prepare"]["max_frame_pixels"] == MAX_FRAME_PIXELS > 4096 * 4096
+    rows, report, dicom, _ = _ct_shard(tmp_path, n=2)
+    settings = prepare_settings(resolution=SIZE, max_frame_pixels=SIZE * SIZE - 1)
+    records, rejected = prepare_shard(rows, report, dicom, tmp_path / "out", settings, 0)
+    assert records.empty and rejected.category.tolist() == ["frame_size", "frame_size", "series"]

@@ -25,6 +25,7 @@ frames whose matrix size or orientation differs from the series' majority.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from collections import Counter
@@ -60,7 +61,7 @@ GREYSCALE = frozenset({"MONOCHROME1", "MONOCHROME2"})
 MAX_FRAME_PIXELS = 8192 * 8192  # default of prepare.max_frame_pixels
 ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian: an encapsulated fragment
 CODESTREAM_HEAD = 65536  # bytes of the first fragment read to find its declared size
-MIN_DIRECTION_NORM = 0.5  # direction cosines shorter than this (or parallel) are unusable
+MIN_DIRECTION_NORM = 0.5  # |row| x |column|, or the sine of their angle, below this: unusable
 
 
 @dataclass(frozen=True)
@@ -477,13 +478,12 @@ def _orientation(value: object, where: str) -> tuple[float, ...] | None:
     if value is None or value == "":
         return None
     numbers = _floats(value, 6)
-    if numbers is not None:
-        row, col = np.asarray(numbers[:3]), np.asarray(numbers[3:])
-        norms = np.linalg.norm(row), np.linalg.norm(col)
-        if min(norms) >= MIN_DIRECTION_NORM:
-            normal = np.cross(row / norms[0], col / norms[1])
-            if np.linalg.norm(normal) >= MIN_DIRECTION_NORM:
-                return numbers
+    if numbers is not None:  # plain floats: this runs for every file of every series
+        (a, b, c), (d, e, f) = numbers[:3], numbers[3:]
+        lengths = math.hypot(a, b, c) * math.hypot(d, e, f)
+        normal = math.hypot(b * f - c * e, c * d - a * f, a * e - b * d)
+        if lengths > 0 and min(lengths, normal / lengths) >= MIN_DIRECTION_NORM:
+            return numbers
     raise SliceError(
         f"{where}: ImageOrientationPatient '{_text(value)}' is not two valid direction cosines "
         "(zero, parallel or not 6 numbers)",
