@@ -26,6 +26,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless
 from test_prepare import cohort_row, ok
 
+from idc_diffusion.dataset import build_imagefolder
 from idc_diffusion.prepare import (
     band_candidates,
     nearest_candidates,
@@ -258,3 +259,14 @@ def test_frame_size_limit_is_configured_under_prepare(tmp_path):
     settings = prepare_settings(resolution=SIZE, max_frame_pixels=SIZE * SIZE - 1)
     records, rejected = prepare_shard(rows, report, dicom, tmp_path / "out", settings, 0)
     assert records.empty and rejected.category.tolist() == ["frame_size", "frame_size", "series"]
+
+
+def test_merge_refuses_a_shard_with_an_empty_caption(tmp_path):
+    rows, report, dicom, _ = _ct_shard(tmp_path, n=2)
+    shard_dir = tmp_path / "shard-0"
+    settings = prepare_settings(resolution=SIZE, slices_per_series=1)
+    records, _ = prepare_shard(rows, report, dicom, shard_dir, settings, 0)
+    build_imagefolder([shard_dir], tmp_path / "ok", [])  # a prepared shard merges
+    records.assign(text="").to_parquet(shard_dir / "records.parquet", index=False)
+    with pytest.raises(ValueError, match="has an empty caption; rerun prepare"):
+        build_imagefolder([shard_dir], tmp_path / "merged", [])

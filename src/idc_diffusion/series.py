@@ -60,7 +60,7 @@ UNDEFINED_LENGTH = 0xFFFFFFFF
 GREYSCALE = frozenset({"MONOCHROME1", "MONOCHROME2"})
 MAX_FRAME_PIXELS = 8192 * 8192  # default of prepare.max_frame_pixels
 ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian: an encapsulated fragment
-CODESTREAM_HEAD = 65536  # bytes of the first fragment read to find its declared size
+CODESTREAM_HEAD = 8192  # bytes of the first fragment read to find its declared size
 MIN_DIRECTION_NORM = 0.5  # |row| x |column|, or the sine of their angle, below this: unusable
 
 
