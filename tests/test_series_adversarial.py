@@ -269,3 +269,20 @@ def test_photometric_is_read_per_file(tmp_path):
 def test_rules_default_reads_any_geometry_series(tmp_path):
     write_volume(tmp_path, ct_phantom(2, SIZE), orientation=AXIAL)
     assert len(scan_series(tmp_path, rules=IMAGES).slices) == 2
+
+
+@pytest.mark.parametrize("value", [b"0\\0", b"-.7\\.7", b"NaN\\.7", b"0.7"])
+def test_pixel_spacing_that_is_not_two_positive_numbers(tmp_path, value):
+    _, paths = write_volume(tmp_path, ct_phantom(3, SIZE))  # PixelSpacing "0.7\0.7"
+    replace_bytes(paths[1], b"0.7\\0.7", value)
+    fov = scan_series(tmp_path, rules=ScanRules(need_pixel_spacing=True))
+    assert len(fov.slices) == 2
+    assert reasons(fov.rejected) == {
+        paths[1].name: (
+            "pixel_spacing",
+            f"{paths[1].name}: PixelSpacing '{value.decode()}' is not two positive numbers "
+            "(field_of_view_mm needs the pixel size)",
+        )
+    }
+    fit = scan_series(tmp_path)  # no field of view: used, its pixels taken as square
+    assert [s.pixel_spacing for s in fit.slices] == [(0.7, 0.7), None, (0.7, 0.7)]
