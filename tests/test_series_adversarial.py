@@ -286,3 +286,10 @@ def test_pixel_spacing_that_is_not_two_positive_numbers(tmp_path, value):
     }
     fit = scan_series(tmp_path)  # no field of view: used, its pixels taken as square
     assert [s.pixel_spacing for s in fit.slices] == [(0.7, 0.7), None, (0.7, 0.7)]
+
+
+def test_frame_count_beyond_the_bytes_present_is_rejected_before_reading_frames(tmp_path):
+    write_j2k(tmp_path / "many.dcm", ct_phantom(1, SIZE)[0], NumberOfFrames=10**9)
+    vol = read_series(tmp_path)
+    assert vol.rejected[0].category == "truncated"
+    assert "NumberOfFrames 1000000000 needs at least 8000000008 bytes" in vol.rejected[0].reason

@@ -379,19 +379,28 @@ def _check_pixel_data(ds: Dataset, path: Path, max_frame_pixels: int = MAX_FRAME
         raise SliceError(f"{path.name}: NumberOfFrames {frames}", "invalid_header")
     length = getattr(elem, "length", None)
     tell = getattr(elem, "value_tell", None)
-    if syntax.is_encapsulated and tell is not None:
-        _check_codestream(path, tell, rows, cols)
-    if length is None or tell is None or length == UNDEFINED_LENGTH or syntax.is_deflated:
-        return frames  # deflated: offsets are in inflated bytes
-    size = os.path.getsize(path)
-    if tell + length > size:
-        raise SliceError(
-            f"{path.name}: truncated file ({size} bytes, PixelData needs {tell + length})",
-            "truncated",
-        )
-    bits = int(ds.BitsAllocated)
-    expected = (rows * cols * frames * bits + 7) // 8
-    if not syntax.is_encapsulated and length < expected:
+    if syntax.is_encapsulated:
+        if tell is not None:  # each frame needs an item of at least its 8-byte header
+            present = os.path.getsize(path) - tell
+            if 8 * (frames + 1) > present:
+                raise SliceError(
+                    f"{path.name}: NumberOfFrames {frames} needs at least {8 * (frames + 1)} "
+                    f"bytes of encapsulated PixelData, the file has {present}",
+                    "truncated",
+                )
+            _check_codestream(path, tell, rows, cols)
+        return frames
+    if length is None or length == UNDEFINED_LENGTH:
+        return frames
+    if tell is not None and not syntax.is_deflated:  # deflated: offsets in inflated bytes
+        size = os.path.getsize(path)
+        if tell + length > size:
+            raise SliceError(
+                f"{path.name}: truncated file ({size} bytes, PixelData needs {tell + length})",
+                "truncated",
+            )
+    expected = (rows * cols * frames * int(ds.BitsAllocated) + 7) // 8
+    if length < expected:
         raise SliceError(
             f"{path.name}: PixelData has {length} bytes, expected {expected}", "truncated"
         )
