@@ -100,6 +100,27 @@ def test_prompts_that_are_no_test_caption_are_compared_unmatched_and_said_so(tmp
     assert "Sets NOT matched by caption" in (run.out_dir / "report.html").read_text()
 
 
+def test_samples_that_are_the_test_images(tmp_path) -> None:
+    """The reviewer's case: every sample is a test image of its prompt's caption. FID is 0,
+    KID's interval holds KID, and held-out images are flagged no more than the null allows."""
+    run = write_fake_run(tmp_path)
+    manifest = pd.read_parquet(run.samples_dir / "manifest.parquet")
+    test = [json.loads(line) for line in (run.dataset_dir / "test" / "metadata.jsonl").open()]
+    for prompt, rows in manifest.groupby("prompt"):
+        same = [t for t in test if t["text"] == prompt]
+        for row, entry in zip(rows["file_name"], same, strict=True):
+            image = Image.open(run.dataset_dir / "test" / entry["file_name"])
+            image.save(run.samples_dir / row)
+    metrics = _run(run)
+    fid = metrics["fid_kid"]
+    assert fid["fid"] == pytest.approx(0.0, abs=1e-6)
+    assert fid["kid_ci"][0] <= fid["kid"] <= fid["kid_ci"][1]
+    memo = metrics["memorization"]
+    # the samples are the null's own images: at most the ones above its 0.99 quantile (none)
+    assert memo["n_flagged"] == 0
+    assert sorted(memo["sample_similarity"]) == pytest.approx(sorted(memo["null_similarity"]))
+
+
 def test_too_few_images_withhold_point_estimates(tmp_path) -> None:
     run = write_fake_run(tmp_path)
     metrics = _run(run, {**SETTINGS, "min_group_size": 13})

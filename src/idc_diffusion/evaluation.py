@@ -462,6 +462,8 @@ def evaluate(
         fake_fields,
         int(settings["min_group_size"]),
         int(settings["prdc_k"]),
+        n_resamples=int(settings["bootstrap"]),
+        seed=int(settings["seed"]),
     )
 
     memo_metrics, flagged, shown = _memorization(

@@ -91,8 +91,6 @@ def nearest_train(
         return pd.DataFrame(columns=list(COLUMNS)).astype(COLUMNS)
     pre_shift = max(1, round(max_shift * PRESELECT_SIZE / size))
     train_small = centres(gray_copies(train, PRESELECT_SIZE), pre_shift)
-    train_full = gray_copies(train, size)
-    train_centres = centres(train_full, max_shift)
     k = min(candidates, len(train))
     rows = []
     for start in range(0, len(images), chunk):
@@ -101,7 +99,9 @@ def nearest_train(
         coarse = torch.einsum("nsl,ml->nsm", small, train_small).amax(dim=1)
         picked = coarse.topk(k, dim=1).indices  # [n, k]
         windows = shifted_windows(gray_copies(batch, size), max_shift)  # [n, shifts, L]
-        scores = torch.einsum("nsl,nkl->nsk", windows, train_centres[picked])
+        unique, inverse = picked.unique(return_inverse=True)  # full size only for candidates
+        picked_centres = centres(gray_copies(train[unique], size), max_shift)[inverse]
+        scores = torch.einsum("nsl,nkl->nsk", windows, picked_centres)
         best_over_shifts, shift = scores.max(dim=1)  # [n, k]
         best, pos = best_over_shifts.max(dim=1)
         for offset in range(len(batch)):

@@ -13,6 +13,7 @@ import base64
 import html
 import io
 import json
+import math
 import re
 import subprocess
 from collections.abc import Sequence
@@ -165,13 +166,13 @@ def pairs_png(pairs: Sequence[tuple[np.ndarray, np.ndarray, str]]) -> bytes:
     per row, titled with ``label`` (the similarity of exactly these two images)."""
     fig, axes = plt.subplots(len(pairs), 2, figsize=(4.6, 2.3 * len(pairs)))
     axes = np.atleast_2d(axes).reshape(len(pairs), 2)
-    for r, (sample, train, label) in enumerate(pairs):
+    for r, (sample, train, _) in enumerate(pairs):
         _show(axes[r, 0], sample, "generated sample")
         _show(axes[r, 1], train, "nearest training image")
-        axes[r, 0].text(
-            1.04, -0.08, label, transform=axes[r, 0].transAxes, ha="center", va="top", fontsize=8
-        )
-    fig.tight_layout()
+    fig.tight_layout(h_pad=2.5)
+    for r, (_, _, label) in enumerate(pairs):
+        left, right = axes[r, 0].get_position(), axes[r, 1].get_position()
+        fig.text((left.x0 + right.x1) / 2, left.y0 - 0.01, label, ha="center", va="top")
     return figure_png(fig)
 
 
@@ -646,8 +647,9 @@ def subgroups_section(subgroups: dict | None) -> str:
         "value",
         "real",
         "generated",
-        "FID ↓",
+        "FID ↓ (plug-in)",
         "KID ↓",
+        "KID 95% interval",
         "precision",
         "recall",
         "density",
@@ -655,9 +657,11 @@ def subgroups_section(subgroups: dict | None) -> str:
     ]
     rows = []
     for g in groups:
-        scores = [g.get(k) for k in ("fid", "kid", "precision", "recall", "density", "coverage")]
+        scores = [g.get("fid"), g.get("kid"), _ci(g.get("kid_ci"))] + [
+            g.get(k) for k in ("precision", "recall", "density", "coverage")
+        ]
         if g.get("skipped"):
-            scores = [g["skipped"]] + [None] * 5
+            scores = [g["skipped"]] + [None] * 6
         rows.append([g["field"], g["value"], g["n_real"], g["n_generated"], *scores])
     parts = [
         f"<p>Scored where a group has at least {fmt(subgroups.get('min_group_size'))} real and "
@@ -684,6 +688,7 @@ def memorization_section(memo: dict | None) -> str:
         f"{fmt(summary.get('expected_heldout_flag_rate'))}.</p>",
         f"<p><b>{fmt(summary.get('n_flagged'))} of {fmt(summary.get('n_samples'))} samples "
         "flagged</b> as copies of a training image.</p>",
+        _small_null_note(summary),
         img_tag(memo.get("histogram"), "memorization null histogram with samples"),
     ]
     if flagged:
@@ -717,6 +722,18 @@ def memorization_section(memo: dict | None) -> str:
         )
         parts.append(f"<ol>{items}</ol>")
     return section("memorization", "Memorization", "\n".join(parts))
+
+
+def _small_null_note(summary: dict) -> str:
+    """A note when the null is too small to resolve its quantile (the threshold is its max)."""
+    n_null, quantile = summary.get("n_null") or 0, summary.get("quantile") or 0.0
+    if quantile >= 1 or n_null >= 1 / (1 - quantile):
+        return ""
+    return note(
+        f"Only {n_null} held-out images: the {quantile} quantile needs at least "
+        f"{math.ceil(1 / (1 - quantile))}, so the threshold is their largest value and "
+        f"about 1 in {n_null + 1} samples that are no copies is flagged too. Inspect the pairs."
+    )
 
 
 def provenance_section(prov: dict | None) -> str:
