@@ -430,10 +430,8 @@ def evaluate(
     real = ImageSet([dataset_dir / "test" / e["file_name"] for e in real_used], True, False)
     real_feats = real.features(extractor)
     fake_feats = all_fake_feats[torch.tensor(matched.generated)]
-    fake_fields_all = [
-        caption_index(test_entries + train_entries + val_entries).get(p) for p in prompts
-    ]
-    fake_fields = [fake_fields_all[i] for i in matched.generated]
+    captions = caption_index(test_entries + train_entries + val_entries)
+    fake_fields = [captions.get(prompts[i]) for i in matched.generated]
     fid = headline_metrics(real_feats, fake_feats, settings)
     fid["feature_extractor"] = identity
     comparison = matched.summary(len(test_entries), len(manifest))
@@ -587,10 +585,7 @@ def headline_metrics(real: torch.Tensor, fake: torch.Tensor, settings: dict) -> 
         prdc_k=int(settings["prdc_k"]),
     )
     if "withheld" not in result:
-        subsets = M.fid_kid_from_features(real, fake, settings["kid_subset_size"], seed=seed)
-        result["kid_subsets"] = {
-            k: subsets[k] for k in ("kid_mean", "kid_std", "kid_subset_size", "kid_subsets")
-        }
+        result["kid_subsets"] = M.subset_kid(real, fake, settings["kid_subset_size"], seed=seed)
     return result
 
 

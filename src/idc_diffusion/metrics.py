@@ -85,6 +85,39 @@ class _Precomputed(nn.Module):
         return features
 
 
+def subset_kid(
+    real_feats: Tensor,
+    fake_feats: Tensor,
+    kid_subset_size: int | None = 50,
+    kid_subsets: int = 100,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """KID as torchmetrics / torch-fidelity define it: mean and std over random subsets.
+
+    The subset size is ``min(kid_subset_size, n_real, n_fake)`` (all images when None); the
+    subsets are drawn under ``seed`` so the numbers are reproducible.
+    """
+    n_real, n_fake = len(real_feats), len(fake_feats)
+    dim = int(real_feats.shape[1])
+    subset = min(kid_subset_size or max(n_real, n_fake), n_real, n_fake)
+    with warnings.catch_warnings():  # "KID keeps all features in memory": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(
+            feature=_Precomputed(dim), subsets=kid_subsets, subset_size=subset
+        )
+    kid.update(canonical_order(real_feats).double(), real=True)
+    kid.update(canonical_order(fake_feats).double(), real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    return {
+        "kid_mean": float(kid_mean),
+        "kid_std": float(kid_std),
+        "kid_subset_size": subset,
+        "kid_subsets": kid_subsets,
+    }
+
+
 def fid_kid_from_features(
     real_feats: Tensor,
     fake_feats: Tensor,
@@ -92,37 +125,18 @@ def fid_kid_from_features(
     kid_subsets: int = 100,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """FID and KID (mean, std) between two feature sets, via torchmetrics, in float64.
-
-    KID's subset size is ``min(kid_subset_size, n_real, n_fake)`` (all images when None); its
-    random subsets are drawn under ``seed`` so the numbers are reproducible.
-    """
+    """FID and KID (mean, std; :func:`subset_kid`) of two feature sets, via torchmetrics."""
     n_real, n_fake = len(real_feats), len(fake_feats)
     if n_real < 2 or n_fake < 2:
         raise ValueError(
             f"FID/KID need at least 2 real and 2 generated images ({n_real}, {n_fake})"
         )
-    dim = int(real_feats.shape[1])
-    real_feats, fake_feats = canonical_order(real_feats), canonical_order(fake_feats)
-    subset = min(kid_subset_size or max(n_real, n_fake), n_real, n_fake)
-    fid = FrechetInceptionDistance(feature=_Precomputed(dim))
-    with warnings.catch_warnings():  # "KID keeps all features in memory": intended here
-        warnings.simplefilter("ignore", UserWarning)
-        kid = KernelInceptionDistance(
-            feature=_Precomputed(dim), subsets=kid_subsets, subset_size=subset
-        )
-    for metric in (fid, kid):
-        metric.update(real_feats.double(), real=True)
-        metric.update(fake_feats.double(), real=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        kid_mean, kid_std = kid.compute()
+    fid = FrechetInceptionDistance(feature=_Precomputed(int(real_feats.shape[1])))
+    fid.update(canonical_order(real_feats).double(), real=True)
+    fid.update(canonical_order(fake_feats).double(), real=False)
     return {
         "fid": max(float(fid.compute()), 0.0),
-        "kid_mean": float(kid_mean),
-        "kid_std": float(kid_std),
-        "kid_subset_size": subset,
-        "kid_subsets": kid_subsets,
+        **subset_kid(real_feats, fake_feats, kid_subset_size, kid_subsets, seed),
         "n_real": n_real,
         "n_generated": n_fake,
     }
