@@ -1,12 +1,16 @@
 """The evaluate stage: generated samples vs the prepared dataset → metrics.json + report.html.
 
-Real images for FID/KID/PRDC are the test split (a seeded subset of at most ``max_real_images``);
-the memorization audit compares every generated sample with every training image. Images are
-read in batches and reduced as they are read (features; grayscale histograms; grayscale 64 px
-copies for the audit; native-size grayscale samples for MS-SSIM), so memory stays bounded by
-those reductions. A generated image takes the structured fields (modality, window, body part,
-sex, age band) of the real caption its prompt equals: intensity fidelity and the per-subgroup
-metrics compare like with like.
+FID/KID/PRDC, intensity fidelity and the subgroups compare *matched* sets
+(:mod:`idc_diffusion.matching`): the same number of real test images and generated images of
+each caption/prompt, at most ``max_real_images`` per side. MS-SSIM diversity of the samples
+is shown beside the real images' own within-caption MS-SSIM. The memorization audit
+(:mod:`idc_diffusion.memorization`) compares every generated sample with every training image,
+calibrated on the test images (at most ``max_real_images``). Images are read in batches and
+reduced as they are read (features; grayscale histograms; grayscale 64 px copies for the audit;
+native-size grayscale for MS-SSIM), so memory stays bounded by those reductions. A generated
+image takes the structured fields (modality, window, body part, sex, age band) of the real
+caption its prompt equals. An unreadable image, images of different sizes within a set, or a
+file listed twice in the manifest stop the stage with one line naming the file.
 """
 
 from __future__ import annotations
@@ -24,18 +28,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from idc_diffusion import intensity as I
+from idc_diffusion import memorization as MEMO
 from idc_diffusion import metrics as M
 from idc_diffusion import report as R
 from idc_diffusion.features import FeatureExtractor, build_extractor
-from idc_diffusion.prdc import prdc
+from idc_diffusion.matching import match_by_prompt, subset_indices, unmatched
 from idc_diffusion.subgroups import caption_index, subgroup_metrics
 
 DEFAULT_SETTINGS: dict[str, Any] = {
     "feature_extractor": {
-        "kind": "random",
+        "kind": "inception",
+        "allow_random": False,
         "seed": 0,
         "path": None,
         "input_size": 299,
@@ -48,14 +54,14 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "prdc_k": 5,
     "min_group_size": 20,
     "max_real_images": 2000,
-    "memorization_cosine_threshold": 0.95,
-    "memorization_ssim_threshold": 0.9,
+    "memorization_quantile": 0.99,
+    "memorization_max_shift": 2,
     "top_pairs": 8,
     "report_samples_per_prompt": 4,
     "report_max_prompts": 12,
 }
 log = logging.getLogger(__name__)
-AUDIT_SIZE = 64  # side of the grayscale copies the memorization audit compares
+AUDIT_SIZE = MEMO.AUDIT_SIZE
 BATCH_SIZE = 32
 SUBSET_SEED = 0
 
@@ -85,6 +91,12 @@ def read_manifest(samples_dir: Path) -> pd.DataFrame:
     missing = {"file_name", "prompt"} - set(manifest.columns)
     if missing:
         raise ValueError(f"{path}: missing columns {sorted(missing)}")
+    repeated = manifest["file_name"][manifest["file_name"].duplicated()]
+    if len(repeated):
+        raise ValueError(
+            f"{path}: {len(repeated)} duplicated rows (e.g. {repeated.iloc[0]!r} listed more than "
+            "once); every sample must be counted once: rerun the sample stage"
+        )
     if "prompt_index" not in manifest.columns:
         codes = {p: i for i, p in enumerate(dict.fromkeys(manifest["prompt"]))}
         manifest = manifest.assign(prompt_index=manifest["prompt"].map(codes))
@@ -126,22 +138,28 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def choose_real(entries: list[dict], cap: int, seed: int = SUBSET_SEED) -> list[dict]:
     """At most ``cap`` entries: a seeded random subset, kept in file order."""
-    if len(entries) <= cap:
-        return entries
-    keep = np.sort(np.random.default_rng(seed).choice(len(entries), size=cap, replace=False))
-    return [entries[i] for i in keep]
+    return [entries[i] for i in subset_indices(len(entries), cap, seed)]
 
 
 # ----------------------------------------------------------------------------- images
 
 
 def load_rgb(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """uint8 HxWx3 (grayscale repeated), optionally resized to ``size`` (w, h)."""
-    with Image.open(path) as image:
-        rgb = image.convert("RGB")
-        if size is not None and rgb.size != size:
-            rgb = rgb.resize(size, Image.BILINEAR)
-        return np.asarray(rgb)
+    """uint8 HxWx3 (grayscale repeated); ValueError naming the file when it cannot be decoded
+    or, with ``size`` (w, h), has another size (never resized: that would hide a mix-up)."""
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        raise ValueError(
+            f"{path}: not a readable image ({exc}); regenerate it or remove it from its list"
+        ) from exc
+    if size is not None and rgb.size != size:
+        raise ValueError(
+            f"{path}: {rgb.size[0]}x{rgb.size[1]} px, but the other images of its set are "
+            f"{size[0]}x{size[1]}; one set must not mix sizes (regenerate it at one size)"
+        )
+    return np.asarray(rgb)
 
 
 def gray_of(rgb: np.ndarray) -> np.ndarray:
@@ -178,10 +196,10 @@ class ImageSet:
         self.size: tuple[int, int] | None = None
 
     def batches(self, batch_size: int = BATCH_SIZE) -> Iterator[torch.Tensor]:
-        """uint8 RGB batches ``[B, 3, H, W]`` (all resized to the first image's size)."""
+        """uint8 RGB batches ``[B, 3, H, W]``; ValueError naming an image of another size."""
         if self.size is None and self.paths:
-            with Image.open(self.paths[0]) as first:
-                self.size = first.size
+            first = load_rgb(self.paths[0])
+            self.size = (first.shape[1], first.shape[0])
         for start in range(0, len(self.paths), batch_size):
             rgbs = [load_rgb(p, self.size) for p in self.paths[start : start + batch_size]]
             for rgb in rgbs:
@@ -196,6 +214,11 @@ class ImageSet:
     def features(self, extractor: FeatureExtractor) -> torch.Tensor:
         """Features of every image (reading them, and filling the kept copies)."""
         return M.extract_features(self.batches(), extractor)
+
+    def read(self) -> None:
+        """Read every image, filling the kept copies (no features)."""
+        for _ in self.batches():
+            pass
 
     def small_tensor(self) -> torch.Tensor:
         return _chw(self.small) if self.small else torch.zeros(0, 1, AUDIT_SIZE, AUDIT_SIZE)
@@ -252,21 +275,36 @@ def validation_grids(model_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def diversity_by_prompt(manifest: pd.DataFrame, gray: list[np.ndarray]) -> dict[str, Any]:
-    """MS-SSIM diversity over the native-size grayscale samples grouped by prompt."""
+def diversity_by_caption(captions: Sequence[str], gray: list[np.ndarray]) -> dict[str, Any]:
+    """MS-SSIM diversity over native-size grayscale images grouped by caption (or prompt)."""
     groups: dict[str, list[int]] = {}
-    for i, prompt in enumerate(manifest["prompt"]):
-        groups.setdefault(str(prompt), []).append(i)
-    images = {p: _chw([gray[i] for i in idx]) for p, idx in groups.items()}
+    for i, caption in enumerate(captions):
+        groups.setdefault(str(caption), []).append(i)
+    images = {c: _chw([gray[i] for i in idx]) for c, idx in groups.items()}
     return M.ms_ssim_diversity(images)
 
 
-def _pair_record(row: dict, sample_files: list[str], train_files: list[str]) -> dict[str, Any]:
+def diversity_with_reference(
+    prompts: Sequence[str],
+    generated_gray: list[np.ndarray],
+    real_captions: Sequence[str],
+    real_gray: list[np.ndarray],
+) -> dict[str, Any]:
+    """MS-SSIM of the samples of each prompt beside the real images' own within-caption MS-SSIM.
+
+    The reference is what "as diverse as the data" looks like: slices of one caption are
+    alike, so a sample set far below it (noise, say) is not "more diverse", it is off.
+    """
+    generated = diversity_by_caption(prompts, generated_gray)
+    real = diversity_by_caption(real_captions, real_gray)
+    for prompt, row in generated["per_prompt"].items():
+        ref = real["per_prompt"].get(prompt) or {}
+        row["real_mean"], row["real_samples"] = ref.get("mean"), ref.get("samples", 0)
     return {
-        **row,
-        "sample_file": sample_files[row["sample_index"]],
-        "train_file_by_cosine": train_files[row["nearest_train_by_cosine"]],
-        "train_file_by_ssim": train_files[row["nearest_train_by_ssim"]],
+        **generated,
+        "real_overall": real["overall"],
+        "real_prompts_scored": real["prompts_scored"],
+        "computed_on": "grayscale pixels",
     }
 
 
@@ -322,14 +360,15 @@ def sample_figures(
 
 
 def pairs_figure(pairs: list[dict], samples_dir: Path, train_dir: Path) -> bytes | None:
-    """Top memorization pairs (sample beside its nearest training image by SSIM)."""
+    """Each listed sample beside the training image it is most similar to, with that similarity."""
     if not pairs:
         return None
     shown = [
         (
             load_rgb(samples_dir / p["sample_file"]),
-            load_rgb(train_dir / p["train_file_by_ssim"]),
-            f"cos {p['cosine']:.3f} · SSIM {p['ssim']:.3f}",
+            load_rgb(train_dir / p["train_file"]),
+            f"{'FLAGGED · ' if p['flagged'] else ''}similarity {p['similarity']:.3f} "
+            f"(shift {p['shift_y']:+d},{p['shift_x']:+d} px)",
         )
         for p in pairs
     ]
@@ -358,7 +397,8 @@ def evaluate(
         raise ValueError(f"{dataset_dir / 'test' / 'metadata.jsonl'}: no test images")
     train_entries = read_metadata(dataset_dir / "train")
     val_entries = read_metadata(dataset_dir / "val")
-    extractor = build_extractor(settings["feature_extractor"])
+    pixel_source = sorted({str(e.get("pixel_source")) for e in test_entries + train_entries})
+    extractor = build_extractor(settings["feature_extractor"], R.is_synthetic(pixel_source))
     figures_dir = out_dir / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
     for stale in figures_dir.glob("*.png"):
@@ -373,34 +413,44 @@ def evaluate(
             extractor.name,
         )
     seed = int(settings["seed"])
+    cap = int(settings["max_real_images"])
 
     generated = ImageSet([samples_dir / f for f in manifest["file_name"]], True, True)
-    fake_feats = generated.features(extractor)
-    real_used = choose_real(test_entries, int(settings["max_real_images"]), seed)
-    real = ImageSet([dataset_dir / "test" / e["file_name"] for e in real_used], False, False)
-    real_feats = real.features(extractor)
-    fid = {
-        **M.fid_kid_from_features(real_feats, fake_feats, settings["kid_subset_size"], seed=seed)
-    }
-    fid["bootstrap"] = M.bootstrap_fid_kid(real_feats, fake_feats, int(settings["bootstrap"]), seed)
-    fid["feature_extractor"] = identity
-    fidelity = _prdc(real_feats, fake_feats, int(settings["prdc_k"]), notes)
-    if fidelity is not None:
-        fidelity["feature_extractor"] = identity
-    diversity = diversity_by_prompt(manifest, generated.gray)
-
-    captions = caption_index(test_entries + train_entries + val_entries)
-    fake_fields = [captions.get(str(prompt)) for prompt in manifest["prompt"]]
-    unmatched = sum(f is None for f in fake_fields)
-    if unmatched:
+    all_fake_feats = generated.features(extractor)
+    prompts = [str(p) for p in manifest["prompt"]]
+    matched = match_by_prompt([str(e.get("text")) for e in test_entries], prompts, cap, seed)
+    if not matched.generated:
+        matched = unmatched(len(test_entries), len(manifest), cap, seed)
         notes.append(
-            f"{unmatched} of {len(manifest)} generated images have a prompt that is no caption "
-            "of the dataset: left out of intensity fidelity and subgroup metrics."
+            "UNMATCHED SETS: no prompt is a caption of the test split (sample.prompts is not "
+            "test_captions), so FID/KID/PRDC compare all generated images with real test images "
+            "whose mix of conditions may differ; the numbers mix image quality with that mismatch."
         )
+    real_used = [test_entries[i] for i in matched.real]
+    real = ImageSet([dataset_dir / "test" / e["file_name"] for e in real_used], True, False)
+    real_feats = real.features(extractor)
+    fake_feats = all_fake_feats[torch.tensor(matched.generated)]
+    captions = caption_index(test_entries + train_entries + val_entries)
+    fake_fields = [captions.get(prompts[i]) for i in matched.generated]
+    fid = headline_metrics(real_feats, fake_feats, settings)
+    fid["feature_extractor"] = identity
+    comparison = matched.summary(len(test_entries), len(manifest))
+    if matched.matched and (comparison["generated_left_out"] or comparison["real_left_out"]):
+        notes.append(
+            f"FID/KID/PRDC, intensity and subgroups compare {comparison['n_generated']} generated "
+            f"with {comparison['n_real']} real test images, the same number per caption "
+            f"({comparison['captions']} captions); {comparison['generated_left_out']} generated "
+            f"and {comparison['real_left_out']} real images had no counterpart of their caption "
+            "(or exceeded evaluate.max_real_images) and were left out."
+        )
+    diversity = diversity_with_reference(
+        prompts, generated.gray, [str(e.get("text")) for e in real_used], real.gray
+    )
+
     intensity = I.intensity_fidelity(
         real.hists,
         [I.group_key(e) for e in real_used],
-        generated.hists,
+        [generated.hists[i] for i in matched.generated],
         [I.group_key(f) for f in fake_fields],
     )
     subgroups = subgroup_metrics(
@@ -410,12 +460,13 @@ def evaluate(
         fake_fields,
         int(settings["min_group_size"]),
         int(settings["prdc_k"]),
+        n_resamples=int(settings["bootstrap"]),
+        seed=int(settings["seed"]),
     )
 
-    memo_metrics, pairs = _memorization(
-        settings, generated, fake_feats, manifest, dataset_dir, train_entries, extractor, notes
+    memo_metrics, flagged, shown = _memorization(
+        settings, generated, manifest, dataset_dir, test_entries, train_entries, notes
     )
-    memo_metrics["feature_extractor"] = identity
 
     train_summary = read_json(model_dir / "train_summary.json")
     train_log = read_jsonl(model_dir / "train_log.jsonl")
@@ -434,7 +485,6 @@ def evaluate(
         training_notes.append(
             f"No validation grids ({model_dir / 'validation' / 'step-N.png'} not found)."
         )
-    pixel_source = sorted({str(e.get("pixel_source")) for e in test_entries + train_entries})
     cohort = read_json(cohort_dir / "summary.json")
 
     metrics = {
@@ -445,18 +495,19 @@ def evaluate(
             "prompts": int(manifest["prompt"].nunique()),
             "real_test_available": len(test_entries),
             "real_test_used": len(real_used),
+            "generated_used": len(matched.generated),
             "train": len(train_entries),
         },
+        "compared": comparison,
         "fid_kid": fid,
-        "prdc": fidelity,
-        "ms_ssim_diversity": {**diversity, "computed_on": "grayscale pixels"},
+        "ms_ssim_diversity": diversity,
         "intensity": intensity,
         "subgroups": {
             "min_group_size": int(settings["min_group_size"]),
             "feature_extractor": identity,
             "groups": subgroups,
         },
-        "memorization": {**memo_metrics, "top_pairs": pairs},
+        "memorization": {**memo_metrics, "flagged": flagged},
         "heldout_loss": heldout_losses(train_summary),
         "validation": {"heldout_loss": val_curve, "grids": [int(step) for step, _ in grids]},
         "train_summary": train_summary,
@@ -502,16 +553,9 @@ def evaluate(
             "figure": _save(figures_dir, "intensity_histograms.png", R.histograms_png(intensity)),
         },
         "subgroups": metrics["subgroups"],
-        "memorization": {
-            "summary": {k: v for k, v in memo_metrics.items() if k not in ("feature_extractor",)},
-            "pairs": pairs,
-            "figure": _save(
-                figures_dir,
-                "memorization_pairs.png",
-                pairs_figure(pairs, samples_dir, dataset_dir / "train"),
-            ),
-            "note": memo_metrics.get("note"),
-        },
+        "memorization": memorization_context(
+            memo_metrics, flagged, shown, samples_dir, dataset_dir / "train", figures_dir
+        ),
         "provenance": {
             "config": config,
             "packages": R.package_versions(),
@@ -523,53 +567,99 @@ def evaluate(
     return metrics
 
 
-def _prdc(real: torch.Tensor, fake: torch.Tensor, k: int, notes: list[str]) -> dict | None:
-    """PRDC with ``k`` neighbours (capped below the set sizes; None with a note when too few)."""
-    k_eff = min(k, len(real) - 1, len(fake) - 1)
-    if k_eff < 1:
-        notes.append("Too few images for precision/recall/density/coverage.")
-        return None
-    if k_eff < k:
-        notes.append(f"PRDC computed with k={k_eff} (evaluate.prdc_k={k} needs more images).")
-    return prdc(real, fake, k=k_eff)
+def headline_metrics(real: torch.Tensor, fake: torch.Tensor, settings: dict) -> dict[str, Any]:
+    """:func:`metrics.compare_sets` of the matched sets, plus KID by torchmetrics' subsets.
+
+    The subset KID (mean ± std over 100 random subsets of ``kid_subset_size``, the convention
+    of torch-fidelity and clean-fid) is kept for comparison with published KID; the KID with an
+    interval is the unbiased estimate over all images, of which the subset mean is a noisier
+    estimate of the same quantity.
+    """
+    seed = int(settings["seed"])
+    result = M.compare_sets(
+        real,
+        fake,
+        int(settings["min_group_size"]),
+        n_resamples=int(settings["bootstrap"]),
+        seed=seed,
+        prdc_k=int(settings["prdc_k"]),
+    )
+    if "withheld" not in result:
+        result["kid_subsets"] = M.subset_kid(real, fake, settings["kid_subset_size"], seed=seed)
+    return result
 
 
 def _memorization(
     settings: dict,
     generated: ImageSet,
-    fake_feats: torch.Tensor,
     manifest: pd.DataFrame,
     dataset_dir: Path,
+    test_entries: list[dict],
     train_entries: list[dict],
-    extractor: FeatureExtractor,
     notes: list[str],
-) -> tuple[dict[str, Any], list[dict]]:
-    """Memorization summary and top pairs (a note instead when there is no train split)."""
-    cos_t = float(settings["memorization_cosine_threshold"])
-    ssim_t = float(settings["memorization_ssim_threshold"])
+) -> tuple[dict[str, Any], list[dict], list[dict]]:
+    """Audit summary, every flagged sample, and the samples to show as figures.
+
+    The null is the test images (a seeded subset of at most ``max_real_images``); a note
+    replaces the audit when there is no train split.
+    """
     if not train_entries:
         message = f"{dataset_dir / 'train' / 'metadata.jsonl'}: no training images; not audited."
         notes.append(message)
-        return {"note": message, "fraction_flagged": None}, []
+        return {"note": message, "fraction_flagged": None}, [], []
     train = ImageSet([dataset_dir / "train" / e["file_name"] for e in train_entries], False, True)
-    train_feats = train.features(extractor)
-    table = M.memorization(
-        generated.small_tensor(),
-        train.small_tensor(),
-        fake_feats,
-        train_feats,
-        threshold=cos_t,
-        top_k=32,
-        ssim_threshold=ssim_t,
-        ssim_size=AUDIT_SIZE,
+    train.read()
+    null_entries = choose_real(
+        test_entries, int(settings["max_real_images"]), int(settings["seed"])
     )
-    summary = M.memorization_summary(table, cos_t, ssim_t, 32)
-    summary["audit_image_size"] = AUDIT_SIZE
+    heldout = ImageSet([dataset_dir / "test" / e["file_name"] for e in null_entries], False, True)
+    heldout.read()
+    table, summary = MEMO.audit(
+        generated.small_tensor(),
+        heldout.small_tensor(),
+        train.small_tensor(),
+        quantile=float(settings["memorization_quantile"]),
+        max_shift=int(settings["memorization_max_shift"]),
+    )
     train_files = [e["file_name"] for e in train_entries]
     sample_files = [str(f) for f in manifest["file_name"]]
-    top = M.top_pairs(table, int(settings["top_pairs"])).to_dict("records")
-    pairs = [json_safe(_pair_record(row, sample_files, train_files)) for row in top]
-    return summary, pairs
+
+    def records(rows: pd.DataFrame) -> list[dict]:
+        return [
+            json_safe(
+                {
+                    **row,
+                    "sample_file": sample_files[row["sample_index"]],
+                    "train_file": train_files[row["nearest_train"]],
+                }
+            )
+            for row in rows.to_dict("records")
+        ]
+
+    flagged = records(table[table["flagged"]].sort_values("similarity", ascending=False))
+    shown = records(MEMO.shown_pairs(table, int(settings["top_pairs"])))
+    return summary, flagged, shown
+
+
+def memorization_context(
+    summary: dict,
+    flagged: list[dict],
+    shown: list[dict],
+    samples_dir: Path,
+    train_dir: Path,
+    figures_dir: Path,
+) -> dict[str, Any]:
+    """The report's memorization part: summary, the null histogram, flagged list, pair figures."""
+    return {
+        "summary": summary,
+        "flagged": flagged,
+        "shown": shown,
+        "histogram": _save(figures_dir, "memorization_null.png", R.null_histogram_png(summary)),
+        "figure": _save(
+            figures_dir, "memorization_pairs.png", pairs_figure(shown, samples_dir, train_dir)
+        ),
+        "note": summary.get("note"),
+    }
 
 
 def _read_text(path: Path) -> str | None:
