@@ -30,6 +30,9 @@ if workflow.is_main_process:
     except ModelError as exc:
         raise WorkflowError(f"base model rejected before any job ran: {exc}") from None
 
+# Stages that need the internet run where snakemake runs when compute nodes have none.
+workflow.localrules(*config["local_rules"])
+
 SHARDS = list(range(config["n_shards"]))
 
 # Every rule runs one subcommand of the package's CLI (`python -m idc_diffusion STAGE`); the

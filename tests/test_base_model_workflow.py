@@ -80,7 +80,21 @@ def test_fetched_once_then_trained_offline(repo: Repo, tmp_path: Path) -> None:
         assert hub.requests == []  # a matching snapshot needs no network, online either
     manifest = json.loads((tmp_path / "results" / "base_model" / "manifest.json").read_text())
     assert manifest["revision"] == repo.commit and sorted(manifest["files"]) == wanted
+    log = (tmp_path / "logs" / "base_model" / "base_model.log").read_text()
+    assert f"  revision: {repo.commit}\n" in log  # the lines that pin what was fetched
     card = (tmp_path / "results" / "model" / "model_card.md").read_text()
     assert "License of the base model**: CreativeML Open RAIL++-M" in card
     for name in wanted:
         assert f"| {name} | {len(repo.files[name])} | `{repo.sha256(name)}` |" in card
+
+
+def test_local_rules_run_where_snakemake_runs(tmp_path: Path) -> None:
+    """With the SLURM executor and no reachable cluster, only local rules can run at all."""
+    raw = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    raw["local_rules"] = ["cohort"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    targets = ["results/cohort/cohort.parquet", "results/base_model/manifest.json"]
+    result = snakemake(tmp_path, *targets, "--executor", "slurm", "-j1", "--configfile", str(path))
+    assert "2 of 2 steps (100%) done" in result.stdout + result.stderr
+    assert all((tmp_path / target).is_file() for target in targets)

@@ -105,7 +105,10 @@ def cmd_base_model(args: argparse.Namespace) -> None:
     from idc_diffusion.base_model import base_settings, fetch_base_model, pin_snippet
 
     settings = base_settings(_settings(args, "train"))
-    manifest = fetch_base_model(settings, Path(args.out_dir), args.resolution)
+    resolution = args.resolution
+    if resolution is None:  # the tiny model's size: the prepared images'
+        resolution = _config_file(args.config)["prepare"]["resolution"] if args.config else 64
+    manifest = fetch_base_model(settings, Path(args.out_dir), resolution)
     log.info(
         "base model %s (revision %s, %d files) in %s; to pin exactly these weights:\n%s",
         manifest["source"], manifest["revision"], len(manifest["files"]), args.out_dir,
@@ -262,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(p)
     p.add_argument("--out-dir", default="results/base_model")
     p.add_argument(
-        "--resolution", type=int, default=64, help="tiny model: image side (prepare.resolution)"
+        "--resolution",
+        type=int,
+        help="tiny model: image side (default: --config's prepare.resolution, else 64)",
     )
     p.set_defaults(func=cmd_base_model)
 
