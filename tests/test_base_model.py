@@ -25,6 +25,7 @@ from idc_diffusion.base_model import (
     pipeline_problems,
     select_pipeline_files,
 )
+from idc_diffusion.model_card import base_license
 from idc_diffusion.models import build_tiny_pipeline, load_base_pipeline
 
 REPO_ID = "lab/tiny-sd"
@@ -311,8 +312,16 @@ def test_local_folder_is_copied_with_its_pipeline_files_only(
     manifest = fetch_base_model(spec, tmp_path / "out", 64)
     assert manifest["source"] == str(source) and manifest["revision"] is None
     assert "notes.txt" not in manifest["files"] and UNET_WEIGHTS in manifest["files"]
-    assert manifest["license"] == "CreativeML Open RAIL++-M"
+    assert manifest["license"] == manifest["card_license"] == "CreativeML Open RAIL++-M"
+    assert base_license(manifest) == "CreativeML Open RAIL++-M"
     check_pipeline_folder(tmp_path / "out")
+    (source / "README.md").unlink()  # save_pretrained() writes no card: the config names it
+    named = fetch_base_model({**spec, "base_model_license": "Lab terms"}, tmp_path / "out", 64)
+    assert named["license"] == "Lab terms" and named["card_license"] is None
+    unnamed = fetch_base_model(spec, tmp_path / "out", 64)
+    assert base_license(unnamed).startswith("unknown")
+    both = {"license": "Lab terms", "card_license": "CreativeML Open RAIL++-M"}
+    assert base_license(both) == "Lab terms (the source's card says CreativeML Open RAIL++-M)"
     shutil.rmtree(source / "vae")
     with pytest.raises(ModelError, match="component folder 'vae' is missing"):
         check_base_model(spec, tmp_path / "elsewhere")

@@ -36,7 +36,14 @@ MANIFEST_NAME = "manifest.json"
 METADATA_TIMEOUT_S = 15.0
 
 # The train section's keys that decide the base model (the base_model rule's parameters).
-BASE_KEYS = ("base_model", "revision", "tiny_seed", "base_model_sha256", "hub_cache")
+BASE_KEYS = (
+    "base_model",
+    "revision",
+    "tiny_seed",
+    "base_model_sha256",
+    "base_model_license",
+    "hub_cache",
+)
 
 # Components a StableDiffusionPipeline folder needs, with the files that must be in each
 # (every alternative is a glob; one match of any alternative per group suffices).
@@ -234,16 +241,18 @@ def check_expected_digests(
 
 def read_license(folder: Path) -> str | None:
     """The license named in the folder's model card front matter (README.md), if any."""
+    import yaml
+
     card = folder / "README.md"
     if not card.is_file():
         return None
     match = _FRONT_MATTER.match(card.read_text(encoding="utf-8-sig", errors="replace"))
-    if not match:
+    try:
+        meta = yaml.safe_load(match[1]) if match else None
+    except yaml.YAMLError:
         return None
-    found = re.search(r"^license:\s*['\"]?([^'\"\n#]+?)['\"]?\s*$", match[1], re.M)
-    if not found:
-        return None
-    return LICENSE_NAMES.get(found[1].lower(), found[1])
+    name = meta.get("license") if isinstance(meta, dict) else None
+    return LICENSE_NAMES.get(str(name).lower(), str(name)) if name else None
 
 
 # --------------------------------------------------------------------------- manifest
@@ -275,7 +284,7 @@ def snapshot_matches(manifest: Mapping[str, Any], settings: Mapping[str, Any]) -
 
 def base_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The train settings that decide the base model (with their defaults)."""
-    defaults = {"revision": None, "tiny_seed": 0, "base_model_sha256": {}, "hub_cache": None}
+    defaults = {"revision": None, "tiny_seed": 0, "base_model_sha256": {}}
     return {key: settings.get(key, defaults.get(key)) for key in BASE_KEYS}
 
 
@@ -478,11 +487,13 @@ def fetch_base_model(settings: Mapping[str, Any], out_dir: Path, resolution: int
         folder, files, provenance = fetch_hub(spec, settings)
     records = file_records(folder, files)
     check_expected_digests(records, settings.get("base_model_sha256") or {}, spec)
+    card = read_license(folder)
     manifest = {
         "source": source_label(spec),
         "requested_revision": settings.get("revision"),
         **provenance,
-        "license": provenance.get("license") or read_license(folder),
+        "license": provenance.get("license") or settings.get("base_model_license") or card,
+        "card_license": card,
         "files": records,
     }
     materialize({name: folder / name for name in files}, out_dir, manifest)

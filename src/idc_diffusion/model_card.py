@@ -59,7 +59,9 @@ def base_model_lines(manifest: Mapping[str, Any] | None) -> list[str]:
 def base_license(manifest: Mapping[str, Any] | None) -> str:
     """The base weights' license as the manifest records it, or a warning when unknown."""
     if manifest and manifest.get("license"):
-        return str(manifest["license"])
+        card = manifest.get("card_license")
+        differs = card and card != manifest["license"]
+        return str(manifest["license"]) + (f" (the source's card says {card})" if differs else "")
     return "unknown (the source's card names none): check it before sharing these weights"
 
 
