@@ -6,8 +6,8 @@ from idc_diffusion.launch import launch_command  # src/ is on sys.path (common.s
 
 
 # The base pipeline, fetched once where the network is: on SLURM a localrule runs on the
-# login node (compute nodes often have no internet). latents, train and sample read only
-# this folder; manifest.json records source, resolved commit, license and every digest.
+# login node (compute nodes often have no internet). latents and train read only this
+# folder, never the hub; manifest.json records source, resolved commit, license, digests.
 localrules:
     base_model,
 

@@ -271,7 +271,9 @@ def test_corrupt_transfer_is_caught_by_its_digest_and_refetched(
 def test_expected_digests_pin_the_weights(hub, repo: Repo, tmp_path: Path) -> None:
     digest = sha256(repo.files[UNET_WEIGHTS])
     pinned = settings(tmp_path, base_model_sha256={UNET_WEIGHTS: digest.upper()})
-    assert fetch_base_model(pinned, tmp_path / "ok", 64)["files"][UNET_WEIGHTS]["sha256"] == digest
+    manifest = fetch_base_model(pinned, tmp_path / "ok", 64)
+    assert manifest["files"][UNET_WEIGHTS]["sha256"] == digest
+    assert manifest["pinned_by_config"] == [UNET_WEIGHTS]
     wrong = settings(tmp_path, base_model_sha256={UNET_WEIGHTS: "0" * 64})
     with pytest.raises(
         ModelError, match=f"base_model_sha256: .*{UNET_WEIGHTS}: sha256 {digest}, expected 0+"

@@ -84,6 +84,7 @@ def test_fetched_once_then_trained_offline(repo: Repo, tmp_path: Path) -> None:
     assert f"  revision: {repo.commit}\n" in log  # the lines that pin what was fetched
     card = (tmp_path / "results" / "model" / "model_card.md").read_text()
     assert "License of the base model**: CreativeML Open RAIL++-M" in card
+    assert f"{len(wanted)} of {len(wanted)} matched the digests the hub declares" in card
     for name in wanted:
         assert f"| {name} | {len(repo.files[name])} | `{repo.sha256(name)}` |" in card
 

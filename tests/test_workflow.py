@@ -199,7 +199,6 @@ def test_cohort_filter_change_reruns_everything(demo_run: Path, demo_raw: dict) 
     jobs = planned_jobs(demo_run, write_config(demo_run / "cohort.yaml", demo_raw))
     n = int(demo_raw["n_shards"])
     assert jobs == {
-        "base_model": 1,
         "cohort": 1,
         "download": n,
         "prepare": n,

@@ -486,7 +486,8 @@ def fetch_base_model(settings: Mapping[str, Any], out_dir: Path, resolution: int
     else:
         folder, files, provenance = fetch_hub(spec, settings)
     records = file_records(folder, files)
-    check_expected_digests(records, settings.get("base_model_sha256") or {}, spec)
+    expected = settings.get("base_model_sha256") or {}
+    check_expected_digests(records, expected, spec)
     card = read_license(folder)
     manifest = {
         "source": source_label(spec),
@@ -494,6 +495,7 @@ def fetch_base_model(settings: Mapping[str, Any], out_dir: Path, resolution: int
         **provenance,
         "license": provenance.get("license") or settings.get("base_model_license") or card,
         "card_license": card,
+        "pinned_by_config": sorted(expected),
         "files": records,
     }
     materialize({name: folder / name for name in files}, out_dir, manifest)

@@ -35,25 +35,28 @@ def base_model_lines(manifest: Mapping[str, Any] | None) -> list[str]:
         return []
     fetched = f"; fetched from {manifest['endpoint']}" if manifest.get("endpoint") else ""
     requested = manifest.get("requested_revision")
-    lines = [
+    files = manifest.get("files", {})
+    hub_checked = len(manifest.get("verified_against_hub") or [])
+    pinned = len(manifest.get("pinned_by_config") or [])
+    return [
         "## Base model",
         "",
         f"- Source: `{manifest['source']}` ({manifest.get('kind', 'n/a')}{fetched})",
         f"- Revision: `{_fmt(manifest.get('revision'))}`"
         + (f" (requested `{requested}`)" if requested else ""),
         f"- License of the base weights: {base_license(manifest)}",
-        "- Files actually used (the `base_model` stage checked each against the digests the "
-        "source declares and `train.base_model_sha256`):",
+        f"- Files actually used, with the sha256 the `base_model` stage computed; {hub_checked} "
+        f"of {len(files)} matched the digests the hub declares, {pinned} the ones pinned in "
+        "`train.base_model_sha256`:",
         "",
         "| file | bytes | sha256 |",
         "|---|---|---|",
         *(
             f"| {name} | {info['size']} | `{info['sha256']}` |"
-            for name, info in sorted(manifest.get("files", {}).items())
+            for name, info in sorted(files.items())
         ),
         "",
     ]
-    return lines
 
 
 def base_license(manifest: Mapping[str, Any] | None) -> str:
