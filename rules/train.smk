@@ -5,12 +5,38 @@
 from idc_diffusion.launch import launch_command  # src/ is on sys.path (common.smk)
 
 
+# The base pipeline, fetched once where the network is: on SLURM a localrule runs on the
+# login node (compute nodes often have no internet). latents and train read only this
+# folder, never the hub; manifest.json records source, resolved commit, license, digests.
+localrules:
+    base_model,
+
+
+rule base_model:
+    output:
+        model_index=f"{BASE_MODEL}/model_index.json",
+        manifest=f"{BASE_MODEL}/manifest.json",
+    params:
+        settings=base_settings_arg(),
+        resolution=config["prepare"]["resolution"],
+    log:
+        "logs/base_model/base_model.log",
+    benchmark:
+        "benchmarks/base_model/base_model.tsv"
+    conda:
+        "../envs/base_model.yaml"
+    shell:
+        "python -m idc_diffusion base-model --settings {params.settings}"
+        " --resolution {params.resolution} --out-dir $(dirname {output.manifest}) > {log} 2>&1"
+
+
 rule train:
     input:
         train=rules.dataset.output.train,
         heldout=rules.dataset.output.val,
         summary=rules.cohort.output.summary,
         citations=rules.cohort.output.citations,
+        base=rules.base_model.output.manifest,
         # the shared latent cache, when prepare.latent_cache builds one
         latents=rules.latents.output.index if config["prepare"]["latent_cache"] else [],
     output:
@@ -37,4 +63,5 @@ rule train:
     shell:
         "{params.launch} train --settings {params.settings} --run-name {params.run_name}"
         " --dataset-dir $(dirname {input.train}) --cohort-dir $(dirname {input.summary})"
-        " --latent-dir results/latents --out-dir $(dirname {output.model_index}) > {log} 2>&1"
+        " --latent-dir results/latents --base-dir $(dirname {input.base})"
+        " --out-dir $(dirname {output.model_index}) > {log} 2>&1"

@@ -40,6 +40,7 @@ def test_dry_run_lists_every_stage_with_one_job_per_shard(tmp_path: Path, demo_r
     demo_raw["sample"]["n_shards"] = 2
     jobs = planned_jobs(tmp_path, write_config(tmp_path / "c.yaml", demo_raw))
     assert jobs == {
+        "base_model": 1,
         "cohort": 1,
         "download": 3,
         "prepare": 3,
@@ -237,6 +238,7 @@ def test_changing_one_dicom_file_reruns_only_its_shard(demo_run: Path) -> None:
 
 def test_job_count_grows_with_shards_not_series(tmp_path: Path) -> None:
     real = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    real["train"]["base_model"] = "tiny"  # no hub here; hub ids: tests/test_base_model*.py
     real["n_shards"] = 64
     few = planned_jobs(tmp_path, write_config(tmp_path / "few.yaml", real))
     for stratum in real["cohort"]["strata"]:

@@ -115,6 +115,21 @@ def cmd_dataset(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_base_model(args: argparse.Namespace) -> None:
+    from idc_diffusion.base_model import base_settings, fetch_base_model, pin_snippet
+
+    settings = base_settings(_settings(args, "train"))
+    resolution = args.resolution
+    if resolution is None:  # the tiny model's size: the prepared images'
+        resolution = _config_file(args.config)["prepare"]["resolution"] if args.config else 64
+    manifest = fetch_base_model(settings, Path(args.out_dir), resolution)
+    log.info(
+        "base model %s (revision %s, %d files) in %s; to pin exactly these weights:\n%s",
+        manifest["source"], manifest["revision"], len(manifest["files"]), args.out_dir,
+        pin_snippet(manifest),
+    )  # fmt: skip
+
+
 def cmd_latents(args: argparse.Namespace) -> None:
     from idc_diffusion.latent_cache import write_latent_cache
     from idc_diffusion.models import load_base_pipeline
@@ -124,8 +139,9 @@ def cmd_latents(args: argparse.Namespace) -> None:
     split = read_split(Path(args.dataset_dir), "train")
     if not len(split):
         raise ValueError(f"{split.metadata}: no training images to encode")
+    spec = args.base_dir or settings["base_model"]
     pipeline = load_base_pipeline(
-        settings["base_model"], settings["revision"], settings["tiny_seed"], image_resolution(split)
+        spec, settings["revision"], settings["tiny_seed"], image_resolution(split)
     )
     write_latent_cache(Path(args.out_dir), pipeline.vae, [split])
 
@@ -144,6 +160,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         rows = pd.read_parquet(cohort_table, columns=["collection_id", "split"])
         counts = rows[rows["split"] == "train"]["collection_id"].value_counts()
         provenance["collections"] = {str(k): int(v) for k, v in counts.items()}
+    base_dir = Path(args.base_dir) if args.base_dir else None
+    if base_dir is not None:  # the base_model stage's folder: its manifest is provenance
+        from idc_diffusion.base_model import read_manifest
+
+        provenance["base_model"] = read_manifest(base_dir)
     latent_dir = Path(args.latent_dir) if args.latent_dir else None
     try:
         train(
@@ -152,6 +173,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             Path(args.out_dir),
             provenance,
             latent_dir=latent_dir,
+            base_dir=base_dir,
         )
     except TrainingInterrupted as stop:  # checkpoint written: exit like the signal would
         print(f"train: {stop}; rerun to resume", file=sys.stderr)
@@ -251,14 +273,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="results/dataset")
     p.set_defaults(func=cmd_dataset)
 
+    p = sub.add_parser(
+        "base-model", help="fetch (hub id), copy (folder) or build (tiny) the base pipeline"
+    )
+    _add_settings(p)
+    p.add_argument("--out-dir", default="results/base_model")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        help="tiny model: image side (default: --config's prepare.resolution, else 64)",
+    )
+    p.set_defaults(func=cmd_base_model)
+
     p = sub.add_parser("latents", help="encode the train split once with the base VAE")
     _add_settings(p)
+    p.add_argument(
+        "--base-dir",
+        help="the base_model stage's folder (what rules pass); default: train.base_model",
+    )
     p.add_argument("--dataset-dir", default="results/dataset")
     p.add_argument("--out-dir", default="results/latents")
     p.set_defaults(func=cmd_latents)
 
     p = sub.add_parser("train", help="fine-tune the UNet of a Stable Diffusion 2.x pipeline")
     _add_settings(p)
+    p.add_argument(
+        "--base-dir",
+        help="the base_model stage's folder (what rules pass); default: train.base_model",
+    )
     p.add_argument("--run-name", help="overrides the config's run_name")
     p.add_argument("--dataset-dir", default="results/dataset")
     p.add_argument("--cohort-dir", default="results/cohort")
