@@ -61,7 +61,7 @@ rule latents:
     conda:
         "../envs/latents.yaml"
     resources:
-        gpu=1,
+        gpu=config["gpu"],
     shell:
-        "python -m idc_diffusion latents --settings {params.settings}"
+        "python -m idc_diffusion latents --gpus {resources.gpu} --settings {params.settings}"
         " --dataset-dir $(dirname {input.train}) --out-dir $(dirname {output.index}) > {log} 2>&1"

@@ -32,9 +32,10 @@ rule train:
         "../envs/train.yaml"
     threads: 4
     resources:
-        gpu=1,
+        gpu=config["gpu"],
         nodes=1,
     shell:
-        "{params.launch} train --settings {params.settings} --run-name {params.run_name}"
+        "{params.launch} train --gpus {resources.gpu} --settings {params.settings}"
+        " --run-name {params.run_name}"
         " --dataset-dir $(dirname {input.train}) --cohort-dir $(dirname {input.summary})"
         " --latent-dir results/latents --out-dir $(dirname {output.model_index}) > {log} 2>&1"

@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from idc_diffusion.config import ConfigError, load_config
+from idc_diffusion.launch import require_cuda
 
 log = logging.getLogger("idc_diffusion")
 
@@ -202,6 +203,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     )
 
 
+def _add_gpus(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=0,
+        help="GPUs the job was given (the rule's gpu resource); > 0 without CUDA is an error",
+    )
+
+
 def _add_settings(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--settings", help="the stage's config section as JSON (what rules pass)")
@@ -255,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(p)
     p.add_argument("--dataset-dir", default="results/dataset")
     p.add_argument("--out-dir", default="results/latents")
+    _add_gpus(p)
     p.set_defaults(func=cmd_latents)
 
     p = sub.add_parser("train", help="fine-tune the UNet of a Stable Diffusion 2.x pipeline")
@@ -268,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="results/latents",
         help="shared latent cache tried first when train.use_latent_cache is on",
     )
+    _add_gpus(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate one sample shard's images")
@@ -278,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True, help="results/samples/shard-K")
     p.add_argument("--run-name", help="names the synthetic DICOM patient (default: config's)")
     p.add_argument("--caption", help="prepare.caption as JSON (for prompts: grid)")
+    _add_gpus(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("sample-manifest", help="merge sample shards into manifest.parquet")
@@ -305,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     func: Callable[[argparse.Namespace], None] = args.func
     try:
+        require_cuda(getattr(args, "gpus", 0))
         func(args)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         log.error("%s failed: %s", args.stage, exc)
