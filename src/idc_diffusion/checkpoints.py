@@ -2,8 +2,9 @@
 and the stop signals (SLURM preemption, time limits) that ask for one.
 
 ``out_dir/checkpoints/checkpoint-<step>/`` holds ``accelerator.save_state`` output and
-``checkpoint.json`` (step, settings fingerprint, seconds so far). A checkpoint is complete
-only once its JSON exists: it is written last, after the folder is renamed into place.
+``checkpoint.json`` (step, settings fingerprint, process layout, seconds so far). A
+checkpoint is complete only once its JSON exists: it is written last, after the folder is
+renamed into place.
 """
 
 from __future__ import annotations
@@ -53,6 +54,28 @@ def fingerprint(settings: Mapping[str, Any], extra: Mapping[str, Any] | None = N
     relevant.update(extra or {})
     text = json.dumps(relevant, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def layout_problem(info: Mapping[str, Any], layout: Mapping[str, Any], folder: Path) -> str | None:
+    """Why the checkpoint described by `info` cannot continue on this process `layout`.
+
+    The process count sets the global batch, each process's share of the data order and
+    the LR scheduler's position (accelerate steps it once per process), so a checkpoint
+    resumed on another count would silently become another run. None: it can continue.
+    """
+    saved = info.get("layout")
+    if saved == dict(layout):
+        return None
+    was = (
+        f"{saved.get('processes')} process(es)"
+        if isinstance(saved, Mapping)
+        else "a version that did not record its processes"
+    )
+    return (
+        f"{folder} was written by {was}; this run has {layout['processes']}: resuming would "
+        "change the batch, the data order and the learning-rate position. Resume with the "
+        "same gpu/nodes resources, or set train.resume: never to start over (deletes them)"
+    )
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:

@@ -17,16 +17,19 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 
@@ -59,6 +62,8 @@ SUMMARY_NAME = "train_summary.json"
 CARD_NAME = "model_card.md"
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LOG_EVERY = 10
+# The dtype of frozen weights (VAE, frozen text encoder) per train.mixed_precision.
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Options added after the first release; their defaults keep the original behaviour.
 DEFAULTS: dict[str, Any] = {
@@ -462,33 +467,76 @@ def ensure_latent_cache(
     resolution: int,
 ) -> Path:
     """A latent cache serving `splits`: `shared` (e.g. results/latents) when it fits,
-    else train's own cache under the model folder, built now when missing or stale."""
+    else train's own cache under the model folder, built now when missing or stale.
+
+    The main process decides and tells the others (no process reads a cache that another
+    is about to replace); a build is shared out, shard by shard, between all processes.
+    """
     splits = [s for s in splits if len(s)]
-    for root in (shared, own):
+    choice: list[str | None] = [None]
+    if accelerator.is_main_process:
+        choice = [usable_cache((shared, own), splits, vae_print, resolution)]
+    if accelerator.num_processes > 1:
+        choice = broadcast_object_list(choice)
+    if choice[0] is not None:
+        log.info("latent cache: %s", choice[0])
+        return Path(choice[0])
+    log.info("encoding %d images into the latent cache %s", sum(map(len, splits)), own)
+    latent_cache.write_latent_cache(
+        own, vae, splits, vae_print, process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes, wait=accelerator.wait_for_everyone,
+    )  # fmt: skip
+    return own
+
+
+def usable_cache(
+    roots: Sequence[Path | None], splits: Sequence[Split], vae_print: str, resolution: int
+) -> str | None:
+    """The first of `roots` that serves every split (None: none does; each reason logged)."""
+    for root in roots:
         if root is None:
             continue
         problems = [latent_cache.cache_problem(root, s, vae_print, resolution) for s in splits]
         problems = [p for p in problems if p]
         if not problems:
-            log.info("latent cache: %s", root)
-            return root
+            return str(root)
         log.info("latent cache %s not used: %s", root, "; ".join(problems))
-    if accelerator.is_main_process:
-        log.info("encoding %d images into the latent cache %s", sum(map(len, splits)), own)
-        latent_cache.write_latent_cache(own, vae, splits)
-    accelerator.wait_for_everyone()
-    return own
+    return None
+
+
+# The slowest rate planned for when processes encode a latent cache between two barriers
+# (images/s per process at 512 px), and the slack for other lone work between collectives
+# (the main process saving a checkpoint or rendering validation images).
+ENCODE_RATE = 5.0
+GROUP_TIMEOUT_FLOOR = timedelta(minutes=30)
+
+
+def process_group_timeout(images: int, processes: int) -> timedelta:
+    """How long a process waits for the others at a collective before failing: the floor
+    plus its share of `images` encoded at ENCODE_RATE (torch's default is 10 min)."""
+    return GROUP_TIMEOUT_FLOOR + timedelta(seconds=math.ceil(images / processes / ENCODE_RATE))
 
 
 def resume_point(
-    settings: Mapping[str, Any], root: Path, print_: str, cleanup: bool = True
+    settings: Mapping[str, Any],
+    root: Path,
+    print_: str,
+    layout: Mapping[str, Any] | None = None,
+    cleanup: bool = True,
 ) -> tuple[int, Path, dict] | None:
-    """The checkpoint to continue from; None: start over (`cleanup` deletes stale ones)."""
+    """The checkpoint to continue from; None: start over (`cleanup` deletes stale ones).
+
+    With `layout`, raises ValueError when that checkpoint was written on another one.
+    """
     if settings["resume"] == "never":
         if cleanup:
             ckpt.delete_all(root)
         return None
-    return ckpt.latest_compatible(root, print_, settings["max_steps"], cleanup)
+    found = ckpt.latest_compatible(root, print_, settings["max_steps"], cleanup)
+    problem = found and layout and ckpt.layout_problem(found[2], layout, found[1])
+    if problem:
+        raise ValueError(problem)
+    return found
 
 
 def restore_log(path: Path, checkpoint: Path | None) -> None:
@@ -636,8 +684,12 @@ def train(
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     train_split, heldout, resolution = load_splits(settings, data_dir)
     seed, accumulation = settings["seed"], settings["gradient_accumulation_steps"]
+    images = len(train_split) + len(heldout)
+    timeout = process_group_timeout(images, int(os.environ.get("WORLD_SIZE", "1")))
     accelerator = Accelerator(
-        gradient_accumulation_steps=accumulation, mixed_precision=settings["mixed_precision"]
+        gradient_accumulation_steps=accumulation,
+        mixed_precision=settings["mixed_precision"],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
     )
     torch.manual_seed(seed)
 
@@ -655,11 +707,10 @@ def train(
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"base model's prediction_type {prediction_type!r} is not supported")
 
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        accelerator.mixed_precision, torch.float32
-    )
+    weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
-    vae_print = latent_cache.vae_fingerprint(vae) if settings["use_latent_cache"] else ""
+    use_cache = settings["use_latent_cache"]
+    vae_print = latent_cache.cache_fingerprint(vae, weight_dtype) if use_cache else ""
     attention = configure_attention(unet, settings["attention"], accelerator.mixed_precision)
     unet_params, text_params = trainable_parameters(settings, unet, text_encoder)
     parts = {"vae": vae, "unet": unet, "text_encoder": text_encoder}
@@ -742,11 +793,12 @@ def train(
     print_ = ckpt.fingerprint(
         settings, {"data": split_fingerprint(train_split), "resolution": resolution}
     )
+    layout = {"processes": accelerator.num_processes}
     start_step, seconds_before, folder = 0, 0.0, None
     if accelerator.is_main_process:
-        resume_point(settings, root, print_, cleanup=True)
+        resume_point(settings, root, print_, cleanup=True)  # every process checks, below
     accelerator.wait_for_everyone()
-    found = resume_point(settings, root, print_, cleanup=False)
+    found = resume_point(settings, root, print_, layout, cleanup=False)
     if found is not None:
         start_step, folder, info = found
         accelerator.load_state(str(folder))
@@ -821,7 +873,10 @@ def train(
                 folder = root / f"{ckpt.PREFIX}{done}"
                 if accelerator.is_main_process:
                     folder = ckpt.save_checkpoint(
-                        accelerator, root, done, {"fingerprint": print_, "seconds": seconds}
+                        accelerator,
+                        root,
+                        done,
+                        {"fingerprint": print_, "layout": layout, "seconds": seconds},
                     )
                     shutil.copyfile(log_path, folder / LOG_NAME)
                     ckpt.prune_checkpoints(root, settings["checkpoints_total_limit"])
