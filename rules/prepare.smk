@@ -48,7 +48,9 @@ rule dataset:
 
 rule latents:
     input:
+        # every split train reads: the train images and the held-out ones
         train=rules.dataset.output.train,
+        heldout=getattr(rules.dataset.output, config["train"]["heldout_split"]),
     output:
         index="results/latents/index.parquet",
     params:

@@ -117,18 +117,26 @@ def cmd_dataset(args: argparse.Namespace) -> None:
 
 
 def cmd_latents(args: argparse.Namespace) -> None:
-    from idc_diffusion.latent_cache import write_latent_cache
-    from idc_diffusion.models import load_base_pipeline
-    from idc_diffusion.train_data import image_resolution, read_split
+    import torch
 
-    settings = _settings(args, "train")
-    split = read_split(Path(args.dataset_dir), "train")
-    if not len(split):
-        raise ValueError(f"{split.metadata}: no training images to encode")
+    from idc_diffusion.latent_cache import cache_fingerprint, write_latent_cache
+    from idc_diffusion.models import load_base_pipeline
+    from idc_diffusion.training import WEIGHT_DTYPES, load_splits, with_defaults
+
+    settings = with_defaults(_settings(args, "train"))
+    train_split, heldout, resolution = load_splits(settings, Path(args.dataset_dir))
     pipeline = load_base_pipeline(
-        settings["base_model"], settings["revision"], settings["tiny_seed"], image_resolution(split)
+        settings["base_model"], settings["revision"], settings["tiny_seed"], resolution
     )
-    write_latent_cache(Path(args.out_dir), pipeline.vae, [split])
+    # the dtype training encodes in, so that train accepts the cache
+    dtype = WEIGHT_DTYPES.get(settings["mixed_precision"], torch.float32)
+    print_ = cache_fingerprint(pipeline.vae, dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    vae = pipeline.vae.requires_grad_(False).eval().to(device, dtype)
+    log.info("encoding %d + %d images on %s in %s", len(train_split), len(heldout), device, dtype)
+    write_latent_cache(
+        Path(args.out_dir), vae, [train_split, heldout], print_, batch_size=args.batch_size
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -261,8 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="results/dataset")
     p.set_defaults(func=cmd_dataset)
 
-    p = sub.add_parser("latents", help="encode the train split once with the base VAE")
+    p = sub.add_parser(
+        "latents", help="encode the train and held-out splits once with the base VAE"
+    )
     _add_settings(p)
+    p.add_argument("--batch-size", type=int, default=32, help="images per VAE forward pass")
     p.add_argument("--dataset-dir", default="results/dataset")
     p.add_argument("--out-dir", default="results/latents")
     _add_gpus(p)
