@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from safetensors import safe_open
-from train_fixtures import settings, write_dataset
+from train_fixtures import own_precision, settings, write_dataset
 
 from idc_diffusion import latent_cache
 from idc_diffusion.models import build_tiny_pipeline
@@ -126,10 +126,12 @@ def test_a_bf16_cache_is_reused_on_resume(data: Path, tmp_path: Path) -> None:
     options = settings(
         use_latent_cache=True, mixed_precision="bf16", lr_scheduler="constant", max_steps=2
     )
-    train(options, data, tmp_path / "model", PROVENANCE, None)
+    with own_precision():
+        train(options, data, tmp_path / "model", PROVENANCE, None)
     index = tmp_path / "model" / "latent_cache" / "index.parquet"
     with safe_open(str(latent_cache.shard_path(index.parent, 0)), "pt") as handle:
         assert handle.metadata()["vae"].endswith("-bfloat16")
     written = index.stat().st_mtime_ns
-    summary = train({**options, "max_steps": 3}, data, tmp_path / "model", PROVENANCE, None)
+    with own_precision():
+        summary = train({**options, "max_steps": 3}, data, tmp_path / "model", PROVENANCE, None)
     assert summary["latent_cache"] == str(index.parent) and index.stat().st_mtime_ns == written

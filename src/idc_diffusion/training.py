@@ -206,7 +206,7 @@ def denoising_loss(
     With `min_snr_gamma`, each sample is weighted by Min-SNR-γ for the prediction type.
     """
     weights = None
-    if min_snr_gamma:  # before the UNet is queued: snr() reads the timesteps on the host
+    if min_snr_gamma:
         snr_t = snr(scheduler.alphas_cumprod, timesteps)
         weights = min_snr_weights(snr_t, min_snr_gamma, scheduler.config.prediction_type)
     with torch.no_grad():
@@ -427,21 +427,19 @@ def place_models(
     device: torch.device,
     weight_dtype: torch.dtype,
 ) -> None:
-    """Frozen weights in the mixed-precision dtype, trainable ones in float32, all on device.
+    """Frozen weights in the mixed-precision dtype, the UNet (and a trained text encoder,
+    LoRA base included) in float32, all on device; the UNet in train mode.
 
-    A LoRA UNet keeps its frozen base in bf16 under bf16 but float32 under fp16, where
-    the upcast attention needs float32 weights.
+    A LoRA base stays in float32 so that the adapters fuse into full-precision weights
+    (autocast runs its matmuls in the mixed-precision dtype anyway).
     """
     vae, unet, text_encoder = parts["vae"], parts["unet"], parts["text_encoder"]
     _move(vae.requires_grad_(False).eval(), device, weight_dtype)
     if not settings["train_text_encoder"]:
         _move(text_encoder.eval(), device, weight_dtype)
-    elif settings["mode"] == "lora":
-        _move(text_encoder, device, weight_dtype)
     else:
-        text_encoder.train().to(device)
-    lora_bf16 = settings["mode"] == "lora" and weight_dtype == torch.bfloat16
-    _move(unet, device, weight_dtype if lora_bf16 else torch.float32)
+        _move(text_encoder.train(), device, torch.float32)
+    _move(unet.train(), device, torch.float32)  # diffusers' DDP stride fix needs train mode
     for model in (unet, text_encoder):
         for param in model.parameters():
             if param.requires_grad:
@@ -450,6 +448,14 @@ def place_models(
         unet.enable_gradient_checkpointing()
         if settings["train_text_encoder"]:
             text_encoder.gradient_checkpointing_enable()
+
+
+def enable_tf32() -> None:
+    """TF32 tensor cores for float32 matmuls and convolutions (Ampere and later): the
+    float32 parts of a mixed-precision step (and all of an fp32 one) run several times
+    faster, with a 10-bit mantissa for the products and float32 accumulation."""
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def _move(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
@@ -572,6 +578,16 @@ def hardware(accelerator: Accelerator) -> str:
 # --------------------------------------------------------------------------- training
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; a CPU tensor bound for a GPU goes through pinned memory,
+    copied without the host waiting (the draws stay on the CPU by design: the same seeds
+    give the same run on any device)."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    pinned = tensor if tensor.is_pinned() else tensor.pin_memory()
+    return pinned.to(device, non_blocking=True)
+
+
 def batch_loss(
     batch: Mapping[str, torch.Tensor],
     draws: Draws,
@@ -582,15 +598,18 @@ def batch_loss(
     """Mean training loss of one micro-batch: cached moments or pixels encoded now; the
     captions' hidden states from ``parts["text_embeddings"]`` when that is set."""
     vae, scheduler = parts["vae"], parts["scheduler"]
-    eps, noise, timesteps = (t.to(device) for t in (draws.eps, draws.noise, draws.timesteps))
+    eps, noise, timesteps = (
+        to_device(t, device) for t in (draws.eps, draws.noise, draws.timesteps)
+    )
     if "mean" in batch:
-        mean = flipped(batch["mean"].to(device), draws.flip)
-        std = flipped(batch["std"].to(device), draws.flip)
+        mean = flipped(to_device(batch["mean"], device), draws.flip)
+        std = flipped(to_device(batch["std"], device), draws.flip)
     else:
-        mean, std = encode_batch(vae, flipped(batch["pixel_values"].to(device), draws.flip))
+        pixels = to_device(batch["pixel_values"], device)
+        mean, std = encode_batch(vae, flipped(pixels, draws.flip))
     latents = sample_latents(mean, std, eps, vae.config.scaling_factor)
     if draws.offsets is not None:
-        noise = offset_noise(noise, draws.offsets.to(device), settings["noise_offset"])
+        noise = offset_noise(noise, to_device(draws.offsets, device), settings["noise_offset"])
     input_ids = batch["input_ids"]
     if draws.drop is not None:
         input_ids = torch.where(draws.drop[:, None], parts["empty_ids"], input_ids)
@@ -709,6 +728,8 @@ def train(
 
     weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
+    if device.type == "cuda":
+        enable_tf32()
     use_cache = settings["use_latent_cache"]
     vae_print = latent_cache.cache_fingerprint(vae, weight_dtype) if use_cache else ""
     attention = configure_attention(unet, settings["attention"], accelerator.mixed_precision)
@@ -921,7 +942,13 @@ def train(
     if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to()
-        models = {"unet": accelerator.unwrap_model(unet)}
+        models = {}
+        if weight_dtype != torch.float32:  # frozen parts were cast: save the base's own
+            base = load_base_pipeline(
+                settings["base_model"], settings["revision"], settings["tiny_seed"], resolution
+            )
+            models.update(vae=base.vae, text_encoder=base.text_encoder)
+        models["unet"] = accelerator.unwrap_model(unet)
         if text_params:
             models["text_encoder"] = accelerator.unwrap_model(text_encoder)
         save_outputs(pipeline, models, summary, settings, provenance, out_dir)
@@ -952,6 +979,9 @@ def save_outputs(
 ) -> None:
     """The fine-tuned pipeline (safetensors, float32), train_summary.json and model_card.md.
 
+    `models` replace the pipeline's parts of the same name (the trained ones, and the
+    base's float32 frozen parts when training cast them).
+
     In LoRA mode the adapters are also saved alone (``pytorch_lora_weights.safetensors``,
     for ``load_lora_weights`` on the base model) and fused into the saved pipeline.
     """
@@ -960,7 +990,7 @@ def save_outputs(
     if settings.get("mode") == "lora":
         from idc_diffusion.lora import fuse_and_unload, save_lora
 
-        text = models.get("text_encoder")
+        text = models["text_encoder"] if settings.get("train_text_encoder") else None
         save_lora(out_dir, pipeline.unet, text)
         fuse_and_unload(pipeline)
     for part in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
