@@ -1,7 +1,8 @@
 # Checkpoints under results/model/checkpoints/ are not declared as outputs, so Snakemake
 # keeps them when a training job is interrupted and `train.resume: auto` continues there.
-# GPUs come from the resources: `--set-resources train:gpu=4` trains with DDP on 4 GPUs
-# (accelerate launch), `train:nodes=2` on two nodes of a SLURM allocation.
+# GPUs come from the resources (docs/CLUSTER.md): `--set-resources train:gpu=4` trains with
+# DDP on 4 GPUs (accelerate launch); gpu is the job's total, so `train:gpu=8 train:nodes=2`
+# runs 4 per node on two nodes of a SLURM allocation; threads are CPUs per node.
 from idc_diffusion.launch import launch_command  # src/ is on sys.path (common.smk)
 
 
@@ -21,8 +22,8 @@ rule train:
     params:
         settings=section("train"),
         run_name=config["run_name"],
-        launch=lambda wildcards, resources: launch_command(
-            int(resources.gpu), int(getattr(resources, "nodes", 1))
+        launch=lambda wildcards, resources, threads: launch_command(
+            int(resources.gpu), int(getattr(resources, "nodes", 1)), threads
         ),
     log:
         "logs/train/train.log",
