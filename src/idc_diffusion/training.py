@@ -81,6 +81,7 @@ DEFAULTS: dict[str, Any] = {
     "attention": "sdpa",
     "optimizer": "adamw",
     "use_latent_cache": False,
+    "stop_margin_seconds": 120,
     "validation_steps": 0,
     "validation_prompts": [],
     "validation_images_per_prompt": 2,
@@ -94,10 +95,11 @@ class NonFiniteLoss(RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-    """A SIGTERM/SIGUSR1 stopped training after a checkpoint was written."""
+    """A SIGTERM/SIGUSR1 or the job's time budget stopped training after a checkpoint."""
 
     def __init__(self, signum: int, step: int, folder: Path) -> None:
-        super().__init__(f"signal {signum}: stopped after step {step}, checkpoint {folder}")
+        why = "time budget spent" if signum == ckpt.BUDGET_STOP else f"signal {signum}"
+        super().__init__(f"{why}: stopped after step {step}, checkpoint {folder}")
         self.signum, self.step, self.folder = signum, step, folder
 
 
@@ -673,14 +675,12 @@ class Stepper:
         return values
 
 
-def stop_signal(accelerator: Accelerator, signals: ckpt.StopSignals) -> int:
-    """The stop signal any process received (0: none); every process gets the same answer.
-
-    One process answers without a device round trip (no synchronisation each step).
-    """
+def stop_signal(accelerator: Accelerator, signum: int) -> int:
+    """The stop code any process has (`signum` here; 0: none); every process gets the
+    same answer. One process answers without a device round trip."""
     if accelerator.num_processes == 1:
-        return signals.signum
-    flag = torch.tensor([signals.signum], device=accelerator.device)
+        return signum
+    flag = torch.tensor([signum], device=accelerator.device)
     return int(accelerator.gather(flag).max())
 
 
@@ -858,8 +858,13 @@ def train(
     loop_start = time.perf_counter()
     tick = (loop_start, start_step)
     max_steps, validation_steps = settings["max_steps"], settings["validation_steps"]
+    budget = ckpt.TimeBudget(ckpt.slurm_end_time(), settings["stop_margin_seconds"])
+    if budget.end is not None:
+        log.info("SLURM job ends at %s: checkpointing and stopping before it",
+                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(budget.end)))  # fmt: skip
     with ckpt.StopSignals() as signals:
         for step in range(start_step, max_steps):
+            step_started = time.perf_counter()
             losses = stepper(batches, step)
             done = step + 1
             seconds = seconds_before + time.perf_counter() - loop_start
@@ -888,8 +893,11 @@ def train(
                 tick = (time.perf_counter(), done)
                 log.info("step %d/%d loss %.4f lr %.3g %.2f it/s", done, max_steps,
                          record["loss"], record["lr"], rate)  # fmt: skip
-            signum = stop_signal(accelerator, signals)
+            budget.step_took(time.perf_counter() - step_started)
+            spent = ckpt.BUDGET_STOP if budget.spent(time.time()) else 0
+            signum = stop_signal(accelerator, signals.signum or spent)
             if done % settings["checkpointing_steps"] == 0 or done == max_steps or signum:
+                saving = time.perf_counter()
                 accelerator.wait_for_everyone()
                 folder = root / f"{ckpt.PREFIX}{done}"
                 if accelerator.is_main_process:
@@ -903,9 +911,11 @@ def train(
                     ckpt.prune_checkpoints(root, settings["checkpoints_total_limit"])
                     log.info("saved %s", folder.name)
                 accelerator.wait_for_everyone()
+                budget.checkpoint_took(time.perf_counter() - saving)
             if signum and done < max_steps:
-                log.warning("signal %d: stopping after step %d; resume continues from %s",
-                            signum, done, folder)  # fmt: skip
+                log.warning("stop code %d (%s): stopping after step %d; resume continues from "
+                            "%s", signum, "time budget" if signum == ckpt.BUDGET_STOP else
+                            "signal", done, folder)  # fmt: skip
                 if board is not None:
                     board.close()
                 accelerator.end_training()
