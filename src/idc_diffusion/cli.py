@@ -19,7 +19,6 @@ from typing import Any
 import pandas as pd
 
 from idc_diffusion.config import ConfigError, load_config
-from idc_diffusion.launch import require_cuda
 
 log = logging.getLogger("idc_diffusion")
 
@@ -117,6 +116,7 @@ def cmd_dataset(args: argparse.Namespace) -> None:
 
 
 def cmd_latents(args: argparse.Namespace) -> None:
+    require_cuda(args.gpus)
     import torch
 
     from idc_diffusion.latent_cache import cache_fingerprint, write_latent_cache
@@ -140,6 +140,7 @@ def cmd_latents(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    require_cuda(args.gpus)
     from idc_diffusion.training import TrainingInterrupted, train
 
     cohort_dir = Path(args.cohort_dir)
@@ -168,6 +169,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
+    require_cuda(args.gpus)
     from idc_diffusion.sampling import sample_shard
 
     settings = _settings(args, "sample")
@@ -209,6 +211,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         out_dir=Path(args.out_dir),
         config=run_config,
     )
+
+
+def require_cuda(gpus: int) -> None:
+    """launch.require_cuda, imported only by the GPU stages (it needs torch)."""
+    from idc_diffusion.launch import require_cuda as check
+
+    check(gpus)
 
 
 def _add_gpus(parser: argparse.ArgumentParser) -> None:
@@ -329,7 +338,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     func: Callable[[argparse.Namespace], None] = args.func
     try:
-        require_cuda(getattr(args, "gpus", 0))
         func(args)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         log.error("%s failed: %s", args.stage, exc)
