@@ -29,9 +29,9 @@ rule sample:
     conda:
         "../envs/sample.yaml"
     resources:
-        gpu=1,
+        gpu=config["gpu"],
     shell:
-        "python -m idc_diffusion sample --settings {params.settings}"
+        "python -m idc_diffusion sample --gpus {resources.gpu} --settings {params.settings}"
         " --shard {wildcards.sample_shard} --model-dir {params.model_dir}"
         " --dataset-dir $(dirname {input.test}) --out-dir {output}"
         " --run-name {params.run_name} --caption {params.caption} > {log} 2>&1"

@@ -1,7 +1,8 @@
 # Checkpoints under results/model/checkpoints/ are not declared as outputs, so Snakemake
 # keeps them when a training job is interrupted and `train.resume: auto` continues there.
-# GPUs come from the resources: `--set-resources train:gpu=4` trains with DDP on 4 GPUs
-# (accelerate launch), `train:nodes=2` on two nodes of a SLURM allocation.
+# GPUs come from the resources (docs/CLUSTER.md): `--set-resources train:gpu=4` trains with
+# DDP on 4 GPUs (accelerate launch); gpu is the job's total, so `train:gpu=8 train:nodes=2`
+# runs 4 per node on two nodes of a SLURM allocation; threads are CPUs per node.
 from idc_diffusion.launch import launch_command  # src/ is on sys.path (common.smk)
 
 
@@ -47,8 +48,8 @@ rule train:
     params:
         settings=section("train"),
         run_name=config["run_name"],
-        launch=lambda wildcards, resources: launch_command(
-            int(resources.gpu), int(getattr(resources, "nodes", 1))
+        launch=lambda wildcards, resources, threads: launch_command(
+            int(resources.gpu), int(getattr(resources, "nodes", 1)), threads
         ),
     log:
         "logs/train/train.log",
@@ -58,10 +59,11 @@ rule train:
         "../envs/train.yaml"
     threads: 4
     resources:
-        gpu=1,
+        gpu=config["gpu"],
         nodes=1,
     shell:
-        "{params.launch} train --settings {params.settings} --run-name {params.run_name}"
+        "{params.launch} train --gpus {resources.gpu} --settings {params.settings}"
+        " --run-name {params.run_name}"
         " --dataset-dir $(dirname {input.train}) --cohort-dir $(dirname {input.summary})"
         " --latent-dir results/latents --base-dir $(dirname {input.base})"
         " --out-dir $(dirname {output.model_index}) > {log} 2>&1"

@@ -254,3 +254,18 @@ def test_latent_cache_adds_one_job_before_training(tmp_path: Path, demo_raw: dic
     demo_raw["train"]["use_latent_cache"] = True
     jobs = planned_jobs(tmp_path, write_config(tmp_path / "latents.yaml", demo_raw))
     assert jobs["latents"] == 1 and jobs["train"] == 1
+
+
+def test_train_reads_the_cache_the_latents_rule_wrote(tmp_path: Path, demo_raw: dict) -> None:
+    demo_raw["prepare"]["latent_cache"] = True
+    demo_raw["train"].update(use_latent_cache=True, max_steps=4)
+    config = write_config(tmp_path / "latents.yaml", demo_raw)
+    snakemake(tmp_path, "--configfile", str(config), "-c2", "results/model/train_summary.json")
+    index = pd.read_parquet(tmp_path / "results" / "latents" / "index.parquet")
+    assert set(index["split"]) == {"train", "val"}  # every split train reads
+    summary = json.loads((tmp_path / "results" / "model" / "train_summary.json").read_text())
+    assert summary["latent_cache"] == "results/latents"
+    assert not (tmp_path / "results" / "model" / "latent_cache").exists()  # nothing rebuilt
+    assert (
+        "latent cache: results/latents" in (tmp_path / "logs" / "train" / "train.log").read_text()
+    )

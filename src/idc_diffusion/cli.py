@@ -131,22 +131,30 @@ def cmd_base_model(args: argparse.Namespace) -> None:
 
 
 def cmd_latents(args: argparse.Namespace) -> None:
-    from idc_diffusion.latent_cache import write_latent_cache
-    from idc_diffusion.models import load_base_pipeline
-    from idc_diffusion.train_data import image_resolution, read_split
+    require_cuda(args.gpus)
+    import torch
 
-    settings = _settings(args, "train")
-    split = read_split(Path(args.dataset_dir), "train")
-    if not len(split):
-        raise ValueError(f"{split.metadata}: no training images to encode")
+    from idc_diffusion.latent_cache import cache_fingerprint, write_latent_cache
+    from idc_diffusion.models import load_base_pipeline
+    from idc_diffusion.training import WEIGHT_DTYPES, load_splits, with_defaults
+
+    settings = with_defaults(_settings(args, "train"))
+    train_split, heldout, resolution = load_splits(settings, Path(args.dataset_dir))
     spec = args.base_dir or settings["base_model"]
-    pipeline = load_base_pipeline(
-        spec, settings["revision"], settings["tiny_seed"], image_resolution(split)
+    pipeline = load_base_pipeline(spec, settings["revision"], settings["tiny_seed"], resolution)
+    # the dtype training encodes in, so that train accepts the cache
+    dtype = WEIGHT_DTYPES.get(settings["mixed_precision"], torch.float32)
+    print_ = cache_fingerprint(pipeline.vae, dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    vae = pipeline.vae.requires_grad_(False).eval().to(device, dtype)
+    log.info("encoding %d + %d images on %s in %s", len(train_split), len(heldout), device, dtype)
+    write_latent_cache(
+        Path(args.out_dir), vae, [train_split, heldout], print_, batch_size=args.batch_size
     )
-    write_latent_cache(Path(args.out_dir), pipeline.vae, [split])
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    require_cuda(args.gpus)
     from idc_diffusion.training import TrainingInterrupted, train
 
     cohort_dir = Path(args.cohort_dir)
@@ -181,6 +189,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
+    require_cuda(args.gpus)
     from idc_diffusion.sampling import sample_shard
 
     settings = _settings(args, "sample")
@@ -221,6 +230,22 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         cohort_dir=Path(args.cohort_dir),
         out_dir=Path(args.out_dir),
         config=run_config,
+    )
+
+
+def require_cuda(gpus: int) -> None:
+    """launch.require_cuda, imported only by the GPU stages (it needs torch)."""
+    from idc_diffusion.launch import require_cuda as check
+
+    check(gpus)
+
+
+def _add_gpus(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=0,
+        help="GPUs the job was given (the rule's gpu resource); > 0 without CUDA is an error",
     )
 
 
@@ -285,14 +310,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_base_model)
 
-    p = sub.add_parser("latents", help="encode the train split once with the base VAE")
+    p = sub.add_parser(
+        "latents", help="encode the train and held-out splits once with the base VAE"
+    )
     _add_settings(p)
     p.add_argument(
         "--base-dir",
         help="the base_model stage's folder (what rules pass); default: train.base_model",
     )
+    p.add_argument("--batch-size", type=int, default=32, help="images per VAE forward pass")
     p.add_argument("--dataset-dir", default="results/dataset")
     p.add_argument("--out-dir", default="results/latents")
+    _add_gpus(p)
     p.set_defaults(func=cmd_latents)
 
     p = sub.add_parser("train", help="fine-tune the UNet of a Stable Diffusion 2.x pipeline")
@@ -310,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="results/latents",
         help="shared latent cache tried first when train.use_latent_cache is on",
     )
+    _add_gpus(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate one sample shard's images")
@@ -320,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True, help="results/samples/shard-K")
     p.add_argument("--run-name", help="names the synthetic DICOM patient (default: config's)")
     p.add_argument("--caption", help="prepare.caption as JSON (for prompts: grid)")
+    _add_gpus(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("sample-manifest", help="merge sample shards into manifest.parquet")
