@@ -16,6 +16,11 @@ except ConfigError as exc:
 
 SHARDS = list(range(config["n_shards"]))
 
+# The base pipeline's folder, written by base_model (train.smk); latents, train and sample read
+# only this. BASE_KEYS: the train keys that decide it (no other train setting rebuilds it).
+BASE_MODEL = "results/base_model"
+BASE_KEYS = ("base_model", "revision", "tiny_seed", "tiny_vae")
+
 # Every rule runs one subcommand of the package's CLI (`python -m idc_diffusion STAGE`); the
 # code reaches jobs through the workflow's source folder, in the main env and in per-rule
 # conda envs alike (the prefix is part of every job script, local or on a cluster).
@@ -34,6 +39,12 @@ def section(name):
     because caption templates contain braces that Snakemake would read as wildcards.
     """
     text = shlex.quote(json.dumps(config[name], sort_keys=True))
+    return lambda wildcards: text
+
+
+def base_settings_arg():
+    """A params function giving the train keys that decide the base model, as quoted JSON."""
+    text = shlex.quote(json.dumps({k: config["train"][k] for k in BASE_KEYS}, sort_keys=True))
     return lambda wildcards: text
 
 

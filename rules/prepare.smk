@@ -49,6 +49,7 @@ rule dataset:
 rule latents:
     input:
         train=rules.dataset.output.train,
+        base=f"{BASE_MODEL}/manifest.json",  # the base_model rule's folder (train.smk)
     output:
         index="results/latents/index.parquet",
     params:
@@ -64,4 +65,5 @@ rule latents:
         gpu=1,
     shell:
         "python -m idc_diffusion latents --settings {params.settings}"
-        " --dataset-dir $(dirname {input.train}) --out-dir $(dirname {output.index}) > {log} 2>&1"
+        " --dataset-dir $(dirname {input.train}) --base-dir $(dirname {input.base})"
+        " --out-dir $(dirname {output.index}) > {log} 2>&1"

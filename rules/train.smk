@@ -5,12 +5,47 @@
 from idc_diffusion.launch import launch_command  # src/ is on sys.path (common.smk)
 
 
+# The base pipeline, built once by a localrule (on SLURM: the login node) into BASE_MODEL,
+# with manifest.json (source, revision, every file's size and sha256). For `tiny` it is the
+# seeded tiny SD-2 pipeline whose VAE is first fitted on the train split and frozen: the
+# demo's stand-in for SD 2.1's pretrained VAE (src/idc_diffusion/tiny_base.py).
+localrules:
+    base_model,  # on SLURM: the login node
+
+
+TINY_BASE = config["train"]["base_model"] == "tiny"
+
+
+rule base_model:
+    input:
+        train=rules.dataset.output.train if TINY_BASE else [],
+    output:
+        model_index=f"{BASE_MODEL}/model_index.json",
+        manifest=f"{BASE_MODEL}/manifest.json",
+    params:
+        settings=base_settings_arg(),
+        resolution=config["prepare"]["resolution"],
+        dataset=lambda wildcards, input: (
+            f"--dataset-dir {Path(input.train).parent}" if TINY_BASE else ""
+        ),
+    log:
+        "logs/base_model/base_model.log",
+    benchmark:
+        "benchmarks/base_model/base_model.tsv"
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "python -m idc_diffusion base-model --settings {params.settings} {params.dataset}"
+        " --resolution {params.resolution} --out-dir $(dirname {output.manifest}) > {log} 2>&1"
+
+
 rule train:
     input:
         train=rules.dataset.output.train,
         heldout=rules.dataset.output.val,
         summary=rules.cohort.output.summary,
         citations=rules.cohort.output.citations,
+        base=rules.base_model.output.manifest,
         # the shared latent cache, when prepare.latent_cache builds one
         latents=rules.latents.output.index if config["prepare"]["latent_cache"] else [],
     output:
@@ -37,4 +72,5 @@ rule train:
     shell:
         "{params.launch} train --settings {params.settings} --run-name {params.run_name}"
         " --dataset-dir $(dirname {input.train}) --cohort-dir $(dirname {input.summary})"
-        " --latent-dir results/latents --out-dir $(dirname {output.model_index}) > {log} 2>&1"
+        " --latent-dir results/latents --base-dir $(dirname {input.base})"
+        " --out-dir $(dirname {output.model_index}) > {log} 2>&1"

@@ -21,6 +21,7 @@ import pandas as pd
 from idc_diffusion.config import ConfigError, load_config
 
 log = logging.getLogger("idc_diffusion")
+BASE_DIR_HELP = "the base_model stage's folder (what rules pass); default: train.base_model"
 
 
 @functools.cache
@@ -101,6 +102,21 @@ def cmd_dataset(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_base_model(args: argparse.Namespace) -> None:
+    from idc_diffusion.models import TINY, load_base_pipeline
+    from idc_diffusion.tiny_base import save_base, write_tiny_base
+
+    settings = _settings(args, "train")
+    out_dir = Path(args.out_dir)
+    if settings["base_model"] != TINY:
+        pipeline = load_base_pipeline(settings["base_model"], settings["revision"])
+        save_base(pipeline, out_dir, {"source": settings["base_model"], "revision": None})
+    elif not args.dataset_dir:
+        raise ConfigError("base-model: the tiny model needs --dataset-dir (its VAE is fitted)")
+    else:
+        write_tiny_base(settings, Path(args.dataset_dir), out_dir, args.resolution)
+
+
 def cmd_latents(args: argparse.Namespace) -> None:
     from idc_diffusion.latent_cache import write_latent_cache
     from idc_diffusion.models import load_base_pipeline
@@ -110,8 +126,9 @@ def cmd_latents(args: argparse.Namespace) -> None:
     split = read_split(Path(args.dataset_dir), "train")
     if not len(split):
         raise ValueError(f"{split.metadata}: no training images to encode")
+    spec = args.base_dir or settings["base_model"]
     pipeline = load_base_pipeline(
-        settings["base_model"], settings["revision"], settings["tiny_seed"], image_resolution(split)
+        spec, settings["revision"], settings["tiny_seed"], image_resolution(split)
     )
     write_latent_cache(Path(args.out_dir), pipeline.vae, [split])
 
@@ -138,6 +155,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             Path(args.out_dir),
             provenance,
             latent_dir=latent_dir,
+            base_dir=Path(args.base_dir) if args.base_dir else None,
         )
     except TrainingInterrupted as stop:  # checkpoint written: exit like the signal would
         print(f"train: {stop}; rerun to resume", file=sys.stderr)
@@ -185,6 +203,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         cohort_dir=Path(args.cohort_dir),
         out_dir=Path(args.out_dir),
         config=run_config,
+        base_samples_dir=Path(args.base_samples_dir) if args.base_samples_dir else None,
     )
 
 
@@ -237,14 +256,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="results/dataset")
     p.set_defaults(func=cmd_dataset)
 
+    p = sub.add_parser("base-model", help="build the tiny base pipeline and fit its VAE")
+    _add_settings(p)
+    p.add_argument("--out-dir", default="results/base_model")
+    p.add_argument(
+        "--resolution", type=int, default=64, help="tiny model: image side (prepare.resolution)"
+    )
+    p.add_argument("--dataset-dir", help="tiny model: the dataset whose train split fits its VAE")
+    p.set_defaults(func=cmd_base_model)
+
     p = sub.add_parser("latents", help="encode the train split once with the base VAE")
     _add_settings(p)
+    p.add_argument("--base-dir", help=BASE_DIR_HELP)
     p.add_argument("--dataset-dir", default="results/dataset")
     p.add_argument("--out-dir", default="results/latents")
     p.set_defaults(func=cmd_latents)
 
     p = sub.add_parser("train", help="fine-tune the UNet of a Stable Diffusion 2.x pipeline")
     _add_settings(p)
+    p.add_argument("--base-dir", help=BASE_DIR_HELP)
     p.add_argument("--run-name", help="overrides the config's run_name")
     p.add_argument("--dataset-dir", default="results/dataset")
     p.add_argument("--cohort-dir", default="results/cohort")
@@ -275,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(p)
     p.add_argument("--run-config", default="{}", help="the whole config as JSON (provenance)")
     p.add_argument("--samples-dir", default="results/samples")
+    p.add_argument(
+        "--base-samples-dir",
+        help="the base model's samples of the same prompts (results/samples_base); compared",
+    )
     p.add_argument("--dataset-dir", default="results/dataset")
     p.add_argument("--model-dir", default="results/model")
     p.add_argument("--cohort-dir", default="results/cohort")

@@ -623,10 +623,13 @@ def train(
     out_dir: Path,
     provenance: dict,
     latent_dir: Path | None = None,
+    base_dir: Path | None = None,
 ) -> dict:
     """Fine-tune the base model; write the pipeline, log, summary and card to out_dir.
 
     `latent_dir` is a shared latent cache tried first when ``use_latent_cache`` is on.
+    `base_dir` is the base_model stage's pipeline folder (the workflow's jobs load the base
+    from there); without it ``settings["base_model"]`` is loaded directly.
     Returns the train summary (also written to ``out_dir/train_summary.json``). Raises
     NonFiniteLoss on a NaN/inf loss and TrainingInterrupted after SIGTERM/SIGUSR1.
     """
@@ -642,7 +645,10 @@ def train(
     torch.manual_seed(seed)
 
     pipeline = load_base_pipeline(
-        settings["base_model"], settings["revision"], settings["tiny_seed"], resolution
+        str(base_dir) if base_dir else settings["base_model"],
+        settings["revision"],
+        settings["tiny_seed"],
+        resolution,
     )
     unet, vae, text_encoder, tokenizer = (
         pipeline.unet,
