@@ -18,6 +18,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from PIL import Image
 from idc_diffusion import intensity as I
 from idc_diffusion import metrics as M
 from idc_diffusion import report as R
+from idc_diffusion.adherence import prompt_adherence
 from idc_diffusion.features import FeatureExtractor, build_extractor
 from idc_diffusion.prdc import prdc
 from idc_diffusion.subgroups import caption_index, subgroup_metrics
@@ -234,11 +236,14 @@ def heldout_losses(summary: dict | None) -> dict[str, Any]:
 
 
 def validation_curve(log: list[dict]) -> list[dict]:
-    """``{"step", "heldout_loss"}`` of the train-log lines written at validation steps."""
+    """``{"step", "heldout_loss"}`` of the train-log lines written at validation steps.
+
+    The trainer writes the held-out loss of a validation step as ``val_loss``.
+    """
     return [
-        {"step": int(r["step"]), "heldout_loss": float(r["heldout_loss"])}
+        {"step": int(r["step"]), "heldout_loss": float(r["val_loss"])}
         for r in log
-        if r.get("heldout_loss") is not None and r.get("step") is not None
+        if r.get("val_loss") is not None and r.get("step") is not None
     ]
 
 
@@ -283,6 +288,96 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+@dataclass
+class ModelSamples:
+    """One model's generated images: manifest, features, and the fields of each prompt."""
+
+    name: str
+    samples_dir: Path
+    manifest: pd.DataFrame
+    images: ImageSet
+    features: torch.Tensor
+    fields: list[dict | None]
+
+
+def read_model_samples(
+    name: str, samples_dir: Path, extractor: FeatureExtractor, captions: dict[str, dict]
+) -> ModelSamples:
+    """Read a sample folder (manifest + images) and extract its features once."""
+    manifest = read_manifest(samples_dir)
+    images = ImageSet([samples_dir / f for f in manifest["file_name"]], True, True)
+    features = images.features(extractor)
+    fields = [captions.get(str(prompt)) for prompt in manifest["prompt"]]
+    return ModelSamples(name, samples_dir, manifest, images, features, fields)
+
+
+def real_floor(
+    train_feats: torch.Tensor, test_feats: torch.Tensor, settings: dict
+) -> dict[str, Any]:
+    """FID/KID between the real test and train images: what "as good as real" scores."""
+    seed = int(settings["seed"])
+    floor = M.fid_kid_from_features(test_feats, train_feats, settings["kid_subset_size"], seed=seed)
+    floor["bootstrap"] = M.bootstrap_fid_kid(
+        test_feats, train_feats, int(settings["bootstrap"]), seed
+    )
+    floor["compared"] = "real test images (n_real) vs real train images (n_generated)"
+    return floor
+
+
+def model_metrics(
+    samples: ModelSamples,
+    real: ImageSet,
+    real_feats: torch.Tensor,
+    real_used: list[dict],
+    train: tuple[ImageSet, torch.Tensor] | None,
+    train_entries: list[dict],
+    dataset_dir: Path,
+    settings: dict,
+    identity: dict,
+    notes: list[str],
+) -> dict[str, Any]:
+    """Every sample metric of one model against the real test images (and the train split)."""
+    seed, k = int(settings["seed"]), int(settings["prdc_k"])
+    fake_feats, manifest = samples.features, samples.manifest
+    fid = M.fid_kid_from_features(real_feats, fake_feats, settings["kid_subset_size"], seed=seed)
+    fid["bootstrap"] = M.bootstrap_fid_kid(real_feats, fake_feats, int(settings["bootstrap"]), seed)
+    fid["feature_extractor"] = identity
+    fidelity = _prdc(real_feats, fake_feats, k, notes)
+    if fidelity is not None:
+        fidelity["feature_extractor"] = identity
+    diversity = diversity_by_prompt(manifest, samples.images.gray)
+    unmatched = sum(f is None for f in samples.fields)
+    if unmatched:
+        notes.append(
+            f"{samples.name}: {unmatched} of {len(manifest)} generated images have a prompt that "
+            "is no caption of the dataset: left out of intensity fidelity, subgroup metrics and "
+            "prompt adherence."
+        )
+    intensity = I.intensity_fidelity(
+        real.hists,
+        [I.group_key(e) for e in real_used],
+        samples.images.hists,
+        [I.group_key(f) for f in samples.fields],
+    )
+    subgroups = subgroup_metrics(
+        real_feats, real_used, fake_feats, samples.fields, int(settings["min_group_size"]), k
+    )
+    memo_metrics, pairs = _memorization(settings, samples, train, dataset_dir, train_entries, notes)
+    memo_metrics["feature_extractor"] = identity
+    return {
+        "fid_kid": fid,
+        "prdc": fidelity,
+        "ms_ssim_diversity": {**diversity, "computed_on": "grayscale pixels"},
+        "intensity": intensity,
+        "subgroups": {
+            "min_group_size": int(settings["min_group_size"]),
+            "feature_extractor": identity,
+            "groups": subgroups,
+        },
+        "memorization": {**memo_metrics, "top_pairs": pairs},
+    }
+
+
 # ----------------------------------------------------------------------------- figures
 
 
@@ -293,28 +388,38 @@ def _save(figures_dir: Path, name: str, png: bytes | None) -> bytes | None:
 
 
 def sample_figures(
-    manifest: pd.DataFrame,
-    samples_dir: Path,
+    fine_tuned: ModelSamples,
+    base: ModelSamples | None,
     test_by_caption: dict[str, list[Path]],
     settings: dict,
     figures_dir: Path,
 ) -> list[dict]:
-    """Per prompt (the first ``report_max_prompts``): generated beside real images."""
+    """Per prompt (the first ``report_max_prompts``): base, fine-tuned and real images.
+
+    The base model's row shows the same prompt and seeds as the fine-tuned row.
+    """
     per_prompt = int(settings["report_samples_per_prompt"])
     items = []
-    for index, group in list(manifest.groupby("prompt_index", sort=True))[
+    for index, group in list(fine_tuned.manifest.groupby("prompt_index", sort=True))[
         : int(settings["report_max_prompts"])
     ]:
         prompt = str(group["prompt"].iloc[0])
-        generated = [load_rgb(samples_dir / f) for f in group["file_name"][:per_prompt]]
+        rows = []
+        if base is not None:
+            same = base.manifest[base.manifest["prompt"] == prompt]
+            files = same["file_name"][:per_prompt]
+            rows.append(("base model", [load_rgb(base.samples_dir / f) for f in files]))
+        files = group["file_name"][:per_prompt]
+        rows.append(("fine-tuned", [load_rgb(fine_tuned.samples_dir / f) for f in files]))
         real = [load_rgb(p) for p in test_by_caption.get(prompt, [])[:per_prompt]]
-        rows = [("generated", generated)] + ([("real (test)", real)] if real else [])
+        rows += [("real (test)", real)] if real else []
         png = R.image_rows_png(rows, prompt)
         items.append(
             {
                 "prompt": prompt,
                 "n_generated": len(group),
                 "n_real": len(test_by_caption.get(prompt, [])),
+                "rows": [label for label, _ in rows],
                 "figure": _save(figures_dir, f"samples_p{int(index):04d}.png", png),
             }
         )
@@ -347,12 +452,16 @@ def evaluate(
     cohort_dir: Path,
     out_dir: Path,
     config: dict,
+    base_samples_dir: Path | None = None,
 ) -> dict:
-    """Compute the metrics, write ``metrics.json``, ``report.html`` and ``figures/``."""
+    """Compute the metrics, write ``metrics.json``, ``report.html`` and ``figures/``.
+
+    With ``base_samples_dir`` (the base model's samples of the same prompts and seeds) every
+    sample metric is computed for both models, and the report shows them side by side.
+    """
     settings = fill_settings(settings)
     samples_dir, dataset_dir, model_dir = Path(samples_dir), Path(dataset_dir), Path(model_dir)
     cohort_dir, out_dir = Path(cohort_dir), Path(out_dir)
-    manifest = read_manifest(samples_dir)
     test_entries = read_metadata(dataset_dir / "test")
     if not test_entries:
         raise ValueError(f"{dataset_dir / 'test' / 'metadata.jsonl'}: no test images")
@@ -374,48 +483,34 @@ def evaluate(
         )
     seed = int(settings["seed"])
 
-    generated = ImageSet([samples_dir / f for f in manifest["file_name"]], True, True)
-    fake_feats = generated.features(extractor)
+    captions = caption_index(test_entries + train_entries + val_entries)
+    models = {"fine_tuned": read_model_samples("fine-tuned", samples_dir, extractor, captions)}
+    if base_samples_dir is not None:
+        base_dir = Path(base_samples_dir)
+        models["base"] = read_model_samples("base model", base_dir, extractor, captions)
     real_used = choose_real(test_entries, int(settings["max_real_images"]), seed)
     real = ImageSet([dataset_dir / "test" / e["file_name"] for e in real_used], False, False)
     real_feats = real.features(extractor)
-    fid = {
-        **M.fid_kid_from_features(real_feats, fake_feats, settings["kid_subset_size"], seed=seed)
+    train = None
+    if train_entries:
+        paths = [dataset_dir / "train" / e["file_name"] for e in train_entries]
+        train_set = ImageSet(paths, False, True)
+        train = (train_set, train_set.features(extractor))
+    context = (real, real_feats, real_used, train, train_entries, dataset_dir, settings)
+    scores = {
+        name: model_metrics(samples, *context, identity, notes) for name, samples in models.items()
     }
-    fid["bootstrap"] = M.bootstrap_fid_kid(real_feats, fake_feats, int(settings["bootstrap"]), seed)
-    fid["feature_extractor"] = identity
-    fidelity = _prdc(real_feats, fake_feats, int(settings["prdc_k"]), notes)
-    if fidelity is not None:
-        fidelity["feature_extractor"] = identity
-    diversity = diversity_by_prompt(manifest, generated.gray)
-
-    captions = caption_index(test_entries + train_entries + val_entries)
-    fake_fields = [captions.get(str(prompt)) for prompt in manifest["prompt"]]
-    unmatched = sum(f is None for f in fake_fields)
-    if unmatched:
-        notes.append(
-            f"{unmatched} of {len(manifest)} generated images have a prompt that is no caption "
-            "of the dataset: left out of intensity fidelity and subgroup metrics."
+    floor = real_floor(train[1], real_feats, settings) if train else None
+    adherence = None
+    if train:
+        adherence = prompt_adherence(
+            (train[1], train_entries),
+            (real_feats, real_used),
+            {name: (m.features, m.fields) for name, m in models.items()},
+            int(settings["bootstrap"]),
+            seed,
         )
-    intensity = I.intensity_fidelity(
-        real.hists,
-        [I.group_key(e) for e in real_used],
-        generated.hists,
-        [I.group_key(f) for f in fake_fields],
-    )
-    subgroups = subgroup_metrics(
-        real_feats,
-        real_used,
-        fake_feats,
-        fake_fields,
-        int(settings["min_group_size"]),
-        int(settings["prdc_k"]),
-    )
-
-    memo_metrics, pairs = _memorization(
-        settings, generated, fake_feats, manifest, dataset_dir, train_entries, extractor, notes
-    )
-    memo_metrics["feature_extractor"] = identity
+    manifest = models["fine_tuned"].manifest
 
     train_summary = read_json(model_dir / "train_summary.json")
     train_log = read_jsonl(model_dir / "train_log.jsonl")
@@ -428,7 +523,7 @@ def evaluate(
     training_notes = []
     if train_log and not val_curve:
         training_notes.append(
-            f"{model_dir / 'train_log.jsonl'} has no heldout_loss lines: no validation-loss curve."
+            f"{model_dir / 'train_log.jsonl'} has no val_loss lines: no validation-loss curve."
         )
     if not grids:
         training_notes.append(
@@ -447,16 +542,10 @@ def evaluate(
             "real_test_used": len(real_used),
             "train": len(train_entries),
         },
-        "fid_kid": fid,
-        "prdc": fidelity,
-        "ms_ssim_diversity": {**diversity, "computed_on": "grayscale pixels"},
-        "intensity": intensity,
-        "subgroups": {
-            "min_group_size": int(settings["min_group_size"]),
-            "feature_extractor": identity,
-            "groups": subgroups,
-        },
-        "memorization": {**memo_metrics, "top_pairs": pairs},
+        **scores["fine_tuned"],
+        "base_model": scores.get("base"),
+        "real_floor": floor,
+        "adherence": adherence,
         "heldout_loss": heldout_losses(train_summary),
         "validation": {"heldout_loss": val_curve, "grids": [int(step) for step, _ in grids]},
         "train_summary": train_summary,
@@ -495,23 +584,24 @@ def evaluate(
             "validation_grids": [(step, path.read_bytes()) for step, path in grids],
             "notes": training_notes,
         },
-        "samples": sample_figures(manifest, samples_dir, test_by_caption, settings, figures_dir),
+        "samples": sample_figures(
+            models["fine_tuned"], models.get("base"), test_by_caption, settings, figures_dir
+        ),
         "metrics": metrics,
+        "adherence": {
+            **(metrics["adherence"] or {}),
+            "figure": _save(figures_dir, "adherence_confusion.png", R.confusion_png(adherence)),
+        },
         "intensity": {
-            **intensity,
-            "figure": _save(figures_dir, "intensity_histograms.png", R.histograms_png(intensity)),
+            **metrics["intensity"],
+            "figure": _save(
+                figures_dir, "intensity_histograms.png", R.histograms_png(metrics["intensity"])
+            ),
         },
         "subgroups": metrics["subgroups"],
-        "memorization": {
-            "summary": {k: v for k, v in memo_metrics.items() if k not in ("feature_extractor",)},
-            "pairs": pairs,
-            "figure": _save(
-                figures_dir,
-                "memorization_pairs.png",
-                pairs_figure(pairs, samples_dir, dataset_dir / "train"),
-            ),
-            "note": memo_metrics.get("note"),
-        },
+        "memorization": memorization_context(
+            metrics["memorization"], samples_dir, dataset_dir, figures_dir
+        ),
         "provenance": {
             "config": config,
             "packages": R.package_versions(),
@@ -521,6 +611,20 @@ def evaluate(
     }
     (out_dir / "report.html").write_text(R.render_report(context), encoding="utf-8")
     return metrics
+
+
+def memorization_context(
+    memo: dict, samples_dir: Path, dataset_dir: Path, figures_dir: Path
+) -> dict[str, Any]:
+    """The fine-tuned model's memorization audit as the report shows it."""
+    pairs = memo.get("top_pairs") or []
+    figure = pairs_figure(pairs, samples_dir, dataset_dir / "train")
+    return {
+        "summary": {k: v for k, v in memo.items() if k not in ("feature_extractor", "top_pairs")},
+        "pairs": pairs,
+        "figure": _save(figures_dir, "memorization_pairs.png", figure),
+        "note": memo.get("note"),
+    }
 
 
 def _prdc(real: torch.Tensor, fake: torch.Tensor, k: int, notes: list[str]) -> dict | None:
@@ -536,27 +640,27 @@ def _prdc(real: torch.Tensor, fake: torch.Tensor, k: int, notes: list[str]) -> d
 
 def _memorization(
     settings: dict,
-    generated: ImageSet,
-    fake_feats: torch.Tensor,
-    manifest: pd.DataFrame,
+    samples: ModelSamples,
+    train: tuple[ImageSet, torch.Tensor] | None,
     dataset_dir: Path,
     train_entries: list[dict],
-    extractor: FeatureExtractor,
     notes: list[str],
 ) -> tuple[dict[str, Any], list[dict]]:
-    """Memorization summary and top pairs (a note instead when there is no train split)."""
+    """Memorization summary and top pairs (a note instead when there is no train split).
+
+    ``train`` is the train split's images (with 64 px grayscale copies) and features.
+    """
     cos_t = float(settings["memorization_cosine_threshold"])
     ssim_t = float(settings["memorization_ssim_threshold"])
-    if not train_entries:
+    if train is None:
         message = f"{dataset_dir / 'train' / 'metadata.jsonl'}: no training images; not audited."
         notes.append(message)
         return {"note": message, "fraction_flagged": None}, []
-    train = ImageSet([dataset_dir / "train" / e["file_name"] for e in train_entries], False, True)
-    train_feats = train.features(extractor)
+    train_set, train_feats = train
     table = M.memorization(
-        generated.small_tensor(),
-        train.small_tensor(),
-        fake_feats,
+        samples.images.small_tensor(),
+        train_set.small_tensor(),
+        samples.features,
         train_feats,
         threshold=cos_t,
         top_k=32,
@@ -566,7 +670,7 @@ def _memorization(
     summary = M.memorization_summary(table, cos_t, ssim_t, 32)
     summary["audit_image_size"] = AUDIT_SIZE
     train_files = [e["file_name"] for e in train_entries]
-    sample_files = [str(f) for f in manifest["file_name"]]
+    sample_files = [str(f) for f in samples.manifest["file_name"]]
     top = M.top_pairs(table, int(settings["top_pairs"])).to_dict("records")
     pairs = [json_safe(_pair_record(row, sample_files, train_files)) for row in top]
     return summary, pairs
