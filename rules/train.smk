@@ -65,7 +65,7 @@ rule train:
         "benchmarks/train/train.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 4
+    threads: config["train"]["threads"]
     resources:
         gpu=1,
         nodes=1,
