@@ -33,7 +33,7 @@ rule base_model:
     benchmark:
         "benchmarks/base_model/base_model.tsv"
     conda:
-        "../envs/train.yaml"
+        "../envs/base_model.yaml"
     shell:
         "python -m idc_diffusion base-model --settings {params.settings} {params.dataset}"
         " --resolution {params.resolution} --out-dir $(dirname {output.manifest}) > {log} 2>&1"
