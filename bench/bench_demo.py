@@ -47,6 +47,11 @@ def run_demo(workdir: Path) -> tuple[float, float]:
     return time.perf_counter() - began, children_cpu_s() - cpu
 
 
+def _kid(fid: dict[str, Any]) -> str:
+    low, high = fid["kid_ci"]
+    return f"{fid['kid']:.4f} [{low:.4f}, {high:.4f}]"
+
+
 def summarize(metrics: dict[str, Any], wall_s: float, cpu_s: float) -> dict[str, Any]:
     """The benchmark record of one demo run's metrics.json."""
     tuned, base = metrics["fid_kid"], metrics["base_model"]["fid_kid"]
@@ -58,7 +63,7 @@ def summarize(metrics: dict[str, Any], wall_s: float, cpu_s: float) -> dict[str,
         }
         for field, r in by_field.items()
     }
-    ratio = base["kid_mean"] / tuned["kid_mean"] if tuned["kid_mean"] > 0 else float("inf")
+    ratio = base["kid"] / tuned["kid"] if tuned["kid"] > 0 else float("inf")
     met = (
         ratio >= 2
         and (adherence.get("modality", {}).get("fine_tuned") or 0) >= 0.9
@@ -69,9 +74,8 @@ def summarize(metrics: dict[str, Any], wall_s: float, cpu_s: float) -> dict[str,
     table = [
         "| metric | base model | fine-tuned | real vs real (floor / ceiling) | n |",
         "|---|---|---|---|---|",
-        f"| KID ↓ (subsets of {tuned['kid_subset_size']}) | {base['kid_mean']:.4f} "
-        f"± {base['kid_std']:.4f} | {tuned['kid_mean']:.4f} ± {tuned['kid_std']:.4f} "
-        f"| {floor['kid_mean']:.4f} | {n_fake} generated per model vs {n_real} real test; "
+        f"| KID ↓ (unbiased, 95 % interval) | {_kid(base)} | {_kid(tuned)} | {_kid(floor)} "
+        f"| {n_fake} generated per model vs {n_real} real test; "
         f"floor {floor['n_real']} test vs {floor['n_generated']} train |",
         f"| FID ↓ (biased at this n) | {base['fid']:.1f} | {tuned['fid']:.1f} "
         f"| {floor['fid']:.1f} | as KID |",
@@ -89,8 +93,8 @@ def summarize(metrics: dict[str, Any], wall_s: float, cpu_s: float) -> dict[str,
         "table": table,
         "title": "Demo quality: fine-tuned vs base (KID, FID Inception)",
         "what": WHAT,
-        "candidate": {"label": "fine-tuned model, KID", "value": tuned["kid_mean"]},
-        "baseline": {"label": "base model, same prompts and seeds, KID", "value": base["kid_mean"]},
+        "candidate": {"label": "fine-tuned model, KID", "value": tuned["kid"]},
+        "baseline": {"label": "base model, same prompts and seeds, KID", "value": base["kid"]},
         "unit": "KID",
         "higher_is_better": False,
         "ratio": ratio,
@@ -99,13 +103,12 @@ def summarize(metrics: dict[str, Any], wall_s: float, cpu_s: float) -> dict[str,
         "details": {
             "n_generated_per_model": tuned["n_generated"],
             "n_real_test": tuned["n_real"],
-            "kid_subset_size": tuned["kid_subset_size"],
             "fid_fine_tuned": tuned["fid"],
             "fid_base": base["fid"],
-            "kid_std_fine_tuned": tuned["kid_std"],
-            "kid_std_base": base["kid_std"],
+            "kid_ci_fine_tuned": tuned["kid_ci"],
+            "kid_ci_base": base["kid_ci"],
             "floor_real_test_vs_train": {
-                "kid": floor["kid_mean"], "fid": floor["fid"],
+                "kid": floor["kid"], "kid_ci": floor["kid_ci"], "fid": floor["fid"],
                 "n_test": floor["n_real"], "n_train": floor["n_generated"],
             },
             "adherence_accuracy": adherence,

@@ -2,13 +2,14 @@
 a bare ``s5cmd run`` of the same manifest, on the same loopback moto S3 server, one run.
 
 The server is a ``moto_server`` child process, so its Python does not share a GIL with the
-verification threads. Each series is one 512 KB DICOM instance (real header, 512x512
-16-bit pixels, the series' SeriesInstanceUID) uploaded under ``FILES_PER_SERIES`` keys:
-every object is a complete file that verification parses in full.
+verification threads. Each series is ``FILES_PER_SERIES`` distinct 512 KB DICOM instances
+(real header, 512x512 16-bit pixels, the series' SeriesInstanceUID, each its own
+SOPInstanceUID): every object is a complete file that verification parses in full.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import statistics
@@ -16,10 +17,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
+import pydicom
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
@@ -55,27 +58,38 @@ def cohort(n_series: int) -> list[dict]:
     ]
 
 
+def instances(path: Path) -> Iterator[bytes]:
+    """FILES_PER_SERIES distinct instances of the file at ``path``: SOPInstanceUID
+    ``<SeriesInstanceUID>.<k>``."""
+    ds = pydicom.dcmread(path)
+    for k in range(FILES_PER_SERIES):
+        sop = f"{ds.SeriesInstanceUID}.{k + 1}"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        yield buffer.getvalue()
+
+
 def upload(s3, rows: list[dict], work: Path) -> int:
-    """One 512 KB instance per series, uploaded FILES_PER_SERIES times; returns bytes."""
+    """FILES_PER_SERIES 512 KB instances per series; returns bytes."""
     s3.client.create_bucket(Bucket=BUCKET)
-    bodies = {}
-    for row in rows:
-        one = dict(row, instanceCount=1)
-        path = write_synthetic_series(one, work / "src" / row["SeriesInstanceUID"], matrix=512)[0]
-        bodies[row["crdc_series_uuid"]] = path.read_bytes()
+    total = 0
 
     def put(key: str, body: bytes) -> None:
         s3.client.put_object(Bucket=BUCKET, Key=key, Body=body, ACL="public-read")
 
     with ThreadPoolExecutor(8) as pool:
-        jobs = [
-            pool.submit(put, f"{uuid}/{k:04d}.dcm", body)
-            for uuid, body in bodies.items()
-            for k in range(FILES_PER_SERIES)
-        ]
-        for job in jobs:
-            job.result()
-    return sum(len(b) for b in bodies.values()) * FILES_PER_SERIES
+        for row in rows:
+            one = dict(row, instanceCount=1)
+            path = write_synthetic_series(one, work / "src" / row["SeriesInstanceUID"], matrix=512)
+            uuid = row["crdc_series_uuid"]
+            jobs = []
+            for k, body in enumerate(instances(path[0])):
+                jobs.append(pool.submit(put, f"{uuid}/{k:04d}.dcm", body))
+                total += len(body)
+            for job in jobs:
+                job.result()
+    return total
 
 
 def bare_s5cmd(url: str, rows: list[dict], out: Path) -> float:

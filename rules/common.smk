@@ -7,6 +7,12 @@ from pathlib import Path
 SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))
 
+from idc_diffusion.base_model import (  # noqa: E402
+    BASE_MODEL_DIR,
+    ModelError,
+    base_settings,
+    check_base_model,
+)
 from idc_diffusion.config import ConfigError, validate_config  # noqa: E402
 
 try:
@@ -14,12 +20,20 @@ try:
 except ConfigError as exc:
     raise WorkflowError(f"config rejected before any job ran: {exc}") from None
 
-SHARDS = list(range(config["n_shards"]))
+# The base model must be usable before hours of download and prepare are spent: free for
+# `tiny` and for a snapshot already in results/base_model (offline too), one metadata request
+# for a hub id. Jobs re-reading this file (cluster nodes may have no internet) skip it.
+BASE_MODEL = str(BASE_MODEL_DIR)
+if workflow.is_main_process:
+    try:
+        check_base_model(config["train"], BASE_MODEL_DIR)
+    except ModelError as exc:
+        raise WorkflowError(f"base model rejected before any job ran: {exc}") from None
 
-# The base pipeline's folder, written by base_model (train.smk); latents, train and sample read
-# only this. BASE_KEYS: the train keys that decide it (no other train setting rebuilds it).
-BASE_MODEL = "results/base_model"
-BASE_KEYS = ("base_model", "revision", "tiny_seed", "tiny_vae")
+# Stages that need the internet run where snakemake runs when compute nodes have none.
+workflow.localrules(*config["local_rules"])
+
+SHARDS = list(range(config["n_shards"]))
 
 # Every rule runs one subcommand of the package's CLI (`python -m idc_diffusion STAGE`); the
 # code reaches jobs through the workflow's source folder, in the main env and in per-rule
@@ -44,7 +58,7 @@ def section(name):
 
 def base_settings_arg():
     """A params function giving the train keys that decide the base model, as quoted JSON."""
-    text = shlex.quote(json.dumps({k: config["train"][k] for k in BASE_KEYS}, sort_keys=True))
+    text = shlex.quote(json.dumps(base_settings(config["train"]), sort_keys=True))
     return lambda wildcards: text
 
 

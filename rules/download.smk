@@ -4,7 +4,7 @@
 # so Snakemake never deletes them and an interrupted shard resumes where it stopped.
 # When more than download.max_failed_fraction of a shard's series fail, the job exits
 # non-zero without writing the output: the report is results/dicom/shard-{shard}.failed.json,
-# the workflow stops, and a rerun fetches only the series not yet verified.
+# the workflow stops, and a rerun fetches only the objects that have not landed yet.
 
 
 checkpoint download:

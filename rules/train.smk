@@ -5,12 +5,13 @@
 from idc_diffusion.launch import launch_command  # src/ is on sys.path (common.smk)
 
 
-# The base pipeline, built once by a localrule (on SLURM: the login node) into BASE_MODEL,
-# with manifest.json (source, revision, every file's size and sha256). For `tiny` it is the
-# seeded tiny SD-2 pipeline whose VAE is first fitted on the train split and frozen: the
-# demo's stand-in for SD 2.1's pretrained VAE (src/idc_diffusion/tiny_base.py).
+# The base pipeline, fetched once where the network is: on SLURM a localrule runs on the
+# login node (compute nodes often have no internet). latents and train read only this
+# folder, never the hub; manifest.json records source, resolved commit, license, digests.
+# For `tiny` it is the seeded tiny SD-2 pipeline whose VAE is first fitted on the train split
+# and frozen: the demo's stand-in for SD 2.1's pretrained VAE (src/idc_diffusion/tiny_base.py).
 localrules:
-    base_model,  # on SLURM: the login node
+    base_model,
 
 
 TINY_BASE = config["train"]["base_model"] == "tiny"

@@ -8,10 +8,12 @@ filled with insert_rows_json).
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,6 +53,8 @@ DICOM_ALL_SCHEMA = [
             "license_short_name",
             "aws_bucket",
             "crdc_series_uuid",
+            "crdc_instance_uuid",
+            "instance_hash",
             "series_aws_url",
         )
     ),
@@ -178,6 +182,8 @@ def instance_rows(series: pd.DataFrame) -> tuple[list[dict], list[dict]]:
                     "StudyDate": row.StudyDate,
                     "SeriesDate": row.SeriesDate,
                     "instance_size": total // n + (1 if i < total % n else 0),
+                    "crdc_instance_uuid": str(uuid.uuid5(uuid.NAMESPACE_OID, sop)),
+                    "instance_hash": hashlib.md5(sop.encode()).hexdigest(),
                 }
             )
             curated.append({"SOPInstanceUID": sop, "BodyPartExamined": row.BodyPartExamined})

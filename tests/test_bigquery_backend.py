@@ -13,7 +13,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 import pytest
-from bq_fixtures import PROJECT, client, emulator, seed
+from bq_fixtures import PROJECT, client, emulator, instance_rows, seed
 
 from idc_diffusion.bigquery_backend import SERIES_COLUMNS, BigQueryIndex, series_sql
 from idc_diffusion.cohort import run_cohort, select_strata
@@ -130,10 +130,22 @@ def _settings(demo_config: dict, parquet: Path, backend: str) -> dict:
     return settings
 
 
+def instance_files(sample: pd.DataFrame) -> pd.Series:
+    """The ``instance_files`` column the seeded dicom_all rows imply, per sample row."""
+    rows, _ = instance_rows(sample)
+    files: dict[str, list[str]] = {}
+    for r in sorted(rows, key=lambda r: r["crdc_instance_uuid"]):
+        entry = f"{r['crdc_instance_uuid']}.dcm {r['instance_size']} {r['instance_hash']}"
+        files.setdefault(r["SeriesInstanceUID"], []).append(entry)
+    return sample["SeriesInstanceUID"].map(lambda uid: ";".join(files[uid]))
+
+
 def test_series_aggregation_matches_the_index_rows(seeded: tuple) -> None:
+    """Every index column as the index has it; plus each object's name, size and MD5."""
     bq, sample, _ = seeded
     got = BigQueryIndex(DATASET, client=bq).query(series_sql(DATASET) + " ORDER BY 4")
-    want = sample.sort_values("SeriesInstanceUID").reset_index(drop=True)
+    want = sample.assign(instance_files=instance_files(sample))
+    want = want.sort_values("SeriesInstanceUID").reset_index(drop=True)
     assert list(got.columns) == [name for name, _ in SERIES_COLUMNS]
     assert len(got) == len(sample)
     for column in got.columns:
@@ -179,7 +191,8 @@ def test_run_cohort_outputs_are_identical_across_backends(
     run_cohort(_settings(demo_config, parquet, "bigquery"), 3, 2, tmp_path / "bq", client=bq)
     local = pd.read_parquet(tmp_path / "duckdb" / "cohort.parquet")
     remote = pd.read_parquet(tmp_path / "bq" / "cohort.parquet")
-    columns = [*remote.columns]
+    assert remote["instance_files"].str.len().gt(0).all()  # BigQuery only: checked bytes
+    columns = [c for c in remote.columns if c != "instance_files"]
     assert set(columns) <= set(local.columns)
     assert len(local) == len(remote) >= 10
     pd.testing.assert_frame_equal(local[columns], remote[columns], check_dtype=False)

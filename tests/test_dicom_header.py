@@ -23,7 +23,7 @@ from s3_server import moto_s3
 from idc_diffusion import download, verify
 from idc_diffusion.dicom_header import LONG_VRS, SHORT_VRS, Header, read_head, read_header
 from idc_diffusion.synthetic import write_synthetic_series
-from idc_diffusion.verify import check_file, fast_fine, pydicom_check
+from idc_diffusion.verify import check_file, fast_check, pydicom_check
 
 SERIES = "1.2.826.0.1.3680043.8.498.55.1"
 ROW = {
@@ -78,6 +78,7 @@ def pydicom_view(path: Path) -> Header:
         transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
         pixel_offset=pixels.file_tell,
         pixel_length=len(pixels.value),
+        sop_uid=ds.get("SOPInstanceUID"),
         series_uid=ds.get("SeriesInstanceUID"),
         rows=ds.get("Rows"),
         columns=ds.get("Columns"),
@@ -136,7 +137,7 @@ def test_vr_sets_are_pydicoms():
 def test_fast_path_reads_pydicom_testdata(name):
     path = pydicom_file(name)
     assert read_header(path) == pydicom_view(path)
-    assert fast_fine(path, uid_of(path)) and pydicom_check(path, uid_of(path)) is None
+    assert fast_check(path, uid_of(path)) and pydicom_check(path, uid_of(path)).problem is None
 
 
 @pytest.mark.parametrize("name", SLOW)
@@ -154,7 +155,9 @@ def test_every_testdata_file_agrees_with_pydicom():
         read += 1
         assert header == pydicom_view(path), path.name
         uid = uid_of(path)
-        assert fast_fine(path, uid) is (pydicom_check(path, uid) is None), path.name
+        assert (fast_check(path, uid) is not None) is (pydicom_check(path, uid).problem is None), (
+            path.name
+        )
     assert read >= len(FAST)
 
 
@@ -165,7 +168,7 @@ def test_sequences_are_walked(tmp_path, implicit):
     assert private_sq in path.read_bytes()  # undefined length, told apart by lookahead
     assert read_header(path) == pydicom_view(path)
     assert read_header(path).transfer_syntax.endswith(".2" if implicit else ".2.1")
-    assert fast_fine(path, SERIES) and check_file(path, SERIES) is None
+    assert fast_check(path, SERIES) and check_file(path, SERIES).problem is None
 
 
 def test_synthetic_and_multiframe_files(tmp_path):
@@ -174,7 +177,7 @@ def test_synthetic_and_multiframe_files(tmp_path):
     enhanced = write_enhanced(tmp_path / "enhanced.dcm", frames, [0.0, 1.0, 2.0])
     for path in (synthetic, enhanced):
         assert read_header(path) == pydicom_view(path)
-        assert fast_fine(path, uid_of(path)) and check_file(path, uid_of(path)) is None
+        assert fast_check(path, uid_of(path)) and check_file(path, uid_of(path)).problem is None
     assert read_header(enhanced).number_of_frames == 3
 
 
@@ -196,26 +199,29 @@ def test_every_cut_is_a_problem(tmp_path):
     cut = tmp_path / "cut.dcm"
     for keep in range(len(body)):
         cut.write_bytes(body[:keep])
-        assert not fast_fine(cut, SERIES), keep
-        assert check_file(cut, SERIES) is not None, keep
-    assert check_file(path, SERIES) is None
+        assert not fast_check(cut, SERIES), keep
+        assert check_file(cut, SERIES).problem is not None, keep
+    assert check_file(path, SERIES).problem is None
 
 
 def test_problems_keep_pydicoms_messages(tmp_path):
     path = synthetic_file(tmp_path)
-    assert check_file(path, "1.2.4") == f"{path.name}: SeriesInstanceUID {SERIES} != expected 1.2.4"
+    assert (
+        check_file(path, "1.2.4").problem
+        == f"{path.name}: SeriesInstanceUID {SERIES} != expected 1.2.4"
+    )
     html = tmp_path / "denied.dcm"
     html.write_text("<html>Access Denied</html>")
-    assert check_file(html, SERIES).startswith("denied.dcm: not a DICOM file (")
+    assert check_file(html, SERIES).problem.startswith("denied.dcm: not a DICOM file (")
     header = read_header(path)
     short = tmp_path / "short.dcm"
     short.write_bytes(path.read_bytes()[: header.pixel_offset + 100])
-    assert check_file(short, SERIES) == (
+    assert check_file(short, SERIES).problem == (
         f"short.dcm: PixelData has 100 bytes, expected {header.pixel_length} (truncated)"
     )
     gone = tmp_path / "gone.dcm"
     assert check_file(gone, SERIES) == pydicom_check(gone, SERIES)
-    assert check_file(gone, SERIES).startswith("gone.dcm: unreadable (FileNotFoundError")
+    assert check_file(gone, SERIES).problem.startswith("gone.dcm: unreadable (FileNotFoundError")
 
 
 def test_pixel_data_shorter_than_the_image_is_truncated(tmp_path):
@@ -227,8 +233,8 @@ def test_pixel_data_shorter_than_the_image_is_truncated(tmp_path):
     short.write_bytes(body)
     patched(short, short, header.pixel_offset - 4, struct.pack("<L", header.pixel_length - 2))
     assert read_header(short) == pydicom_view(short)  # structurally whole ...
-    assert not fast_fine(short, SERIES)  # ... but too short
-    assert "truncated" in check_file(short, SERIES)
+    assert not fast_check(short, SERIES)  # ... but too short
+    assert "truncated" in check_file(short, SERIES).problem
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -272,10 +278,10 @@ def test_random_header_damage_never_passes_what_pydicom_rejects(tmp_path):
             offset = rng.randrange(end)
             damage = bytes(rng.randrange(256) for _ in range(rng.choice((1, 1, 2, 4))))
             patched(source, mutant, offset, damage)
-            fine = fast_fine(mutant, uid)
+            fine = fast_check(mutant, uid) is not None
             verdicts[fine] += 1
             if fine:
-                assert pydicom_check(mutant, uid) is None, (source.name, offset)
+                assert pydicom_check(mutant, uid).problem is None, (source.name, offset)
                 assert read_header(mutant) == pydicom_view(mutant), (source.name, offset)
     assert verdicts[True] > 100 and verdicts[False] > 100, verdicts
 
@@ -289,9 +295,9 @@ def test_download_checks_each_landed_file_once(tmp_path, monkeypatch):
     paths = write_synthetic_series(row, tmp_path / "source", matrix=8)
     landed, rechecked = [], []
     monkeypatch.setattr(
-        download, "check_file", lambda p, uid: landed.append(p) or check_file(p, uid)
+        download, "check_file", lambda p, uid, listed: landed.append(p) or check_file(p, uid)
     )
-    monkeypatch.setattr(verify, "check_file", lambda p, uid: rechecked.append(p))
+    monkeypatch.setattr(verify, "check_file", lambda p, uid, listed: rechecked.append(p))
     settings = {"source": "idc", "provider": "custom", "retries": 0, "s5cmd_workers": 4}
     with moto_s3() as s3:
         s3.client.create_bucket(Bucket=row["aws_bucket"])

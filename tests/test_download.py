@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pydicom
 import pytest
 from s3_server import moto_s3
 
-from idc_diffusion.download import download_shard
+from idc_diffusion import s5cmd
+from idc_diffusion.download import CHECK_BATCH, PARTIAL, download_shard
 from idc_diffusion.progress import human_bytes
 from idc_diffusion.s5cmd import CopyJob, build_manifest, find_s5cmd
 from idc_diffusion.synthetic import write_synthetic_series
@@ -127,6 +129,7 @@ def test_full_shard_ok(bucket, tmp_path, caplog):
 
 
 def test_bad_series_are_reported_not_raised(bucket, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     url, _ = bucket
     rows = pd.DataFrame([*GOOD, INCOMPLETE, ABSENT, TRUNCATED])
     shard_dir = tmp_path / "shard-0"
@@ -145,6 +148,9 @@ def test_bad_series_are_reported_not_raised(bucket, tmp_path, caplog):
         assert not (shard_dir / row["SeriesInstanceUID"]).exists()
     retry = (shard_dir / ".s5cmd" / "attempt-1.txt").read_text()
     assert retry.count("\n") == 3 and GOOD[0]["crdc_series_uuid"] not in retry
+    # the retry replaced the truncated file: bytes counted once, as they lie on disk
+    final = f"shard 0: 3/6 series, {human_bytes(report['bytes'])} of ~"
+    assert any(r.getMessage().startswith(final) for r in caplog.records), caplog.text
 
 
 def test_rerun_fetches_only_unverified_series(bucket, tmp_path):
@@ -170,8 +176,9 @@ def test_rerun_fetches_only_unverified_series(bucket, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in kept.iterdir()} == mtimes
     assert report["counts"]["ok"] == 3
 
+    s5cmd_log = (shard_dir / ".s5cmd" / "s5cmd.log").read_text()
     download_shard(pd.DataFrame(GOOD), 0, shard_dir, tmp_path / "r.json", settings(url))
-    assert not (shard_dir / ".s5cmd").exists()  # nothing left to fetch: s5cmd not run
+    assert (shard_dir / ".s5cmd" / "s5cmd.log").read_text() == s5cmd_log  # s5cmd not run
 
 
 # ------------------------------------------------------------------ synthetic source, setup
@@ -200,6 +207,7 @@ def test_setup_errors_raise(tmp_path, monkeypatch):
         download_shard(rows, 0, tmp_path / "s", tmp_path / "r.json", settings(source="tcia"))
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setattr(s5cmd, "packaged_s5cmd", lambda: None)  # as if the wheel were absent
     with pytest.raises(FileNotFoundError, match="s5cmd"):
         download_shard(rows, 0, tmp_path / "s", tmp_path / "r.json", settings())
 
@@ -208,7 +216,7 @@ def test_s5cmd_binary_and_manifest(tmp_path):
     assert find_s5cmd().is_file()
     uuid = "0a1b2c3d-0000-4000-8000-00000000abcd"
     text = build_manifest([CopyJob("idc-open-data", uuid, tmp_path / "it's")])
-    assert text == f"cp 's3://idc-open-data/{uuid}/*' '{tmp_path}/it'\\''s/'\n"
+    assert text == f"cp --if-size-differ 's3://idc-open-data/{uuid}/*' '{tmp_path}/it'\\''s/'\n"
 
 
 # ------------------------------------------------------------------ verify_series
@@ -239,9 +247,26 @@ def test_verify_missing_and_incomplete(series, tmp_path):
     sorted(folder.iterdir())[0].unlink()
     result = check(folder, row)
     assert (result.status, result.reason) == ("incomplete", "1 of 4 files missing")
-    shutil.copy(sorted(folder.iterdir())[0], folder / "extra.dcm")
-    shutil.copy(sorted(folder.iterdir())[0], folder / "extra2.dcm")
-    assert check(folder, row).status == "incomplete"
+    more = write_synthetic_series(dict(row, instanceCount=6), folder.parent / "more", matrix=MATRIX)
+    for path in more[4:]:  # two more instances of the series: too many
+        shutil.copy(path, folder / path.name)
+    result = check(folder, row)
+    assert (result.status, result.reason) == ("incomplete", "5 files, expected 4")
+
+
+def test_verify_counts_distinct_instances(series):
+    """One instance under two keys and another missing: as many files as expected, not ok."""
+    folder, row = series
+    first, second = sorted(folder.iterdir())[:2]
+    sop = str(pydicom.dcmread(first, stop_before_pixels=True).SOPInstanceUID)
+    second.unlink()
+    shutil.copy(first, folder / "copy.dcm")
+    result = check(folder, row)
+    assert (result.status, result.files) == ("corrupt", 4)
+    assert result.reason == (
+        f"SOPInstanceUID {sop} is in both {first.name} and copy.dcm: "
+        "4 files hold 3 distinct instances, expected 4"
+    )
 
 
 def test_verify_not_dicom(series):
@@ -268,3 +293,28 @@ def test_verify_wrong_series(series):
     assert result.status == "corrupt"
     assert f"SeriesInstanceUID {row['SeriesInstanceUID']} != expected 1.2.4" in result.reason
     assert "(+3 more bad files)" in result.reason
+
+
+def test_more_objects_than_instances_is_not_promoted(tmp_path):
+    """The index says CHECK_BATCH instances, the bucket holds one more: the series may be
+    promoted when the first batch completes it, but the extra object (landed or failed to
+    land in the moved folder) demotes it again, and no retry promotes it."""
+    count = CHECK_BATCH
+    row = cohort_row("7", "CT", count)
+    paths = write_synthetic_series(dict(row, instanceCount=count + 1), tmp_path / "src", matrix=8)
+    shard_dir = tmp_path / "shard-0"
+    with moto_s3() as s3:
+        s3.client.create_bucket(Bucket=BUCKET)
+        s3.upload_series(BUCKET, row["crdc_series_uuid"], paths)
+        report = download_shard(
+            pd.DataFrame([row]), 0, shard_dir, tmp_path / "r.json", settings(s3.url, retries=1)
+        )
+    entry = by_uid(report)[row["SeriesInstanceUID"]]
+    assert entry["status"] == "incomplete"
+    assert entry["reason"] in (
+        f"{count + 1} files, expected {count}",
+        f"the bucket holds more objects than the index's {count} instances",
+    )
+    assert not (shard_dir / row["SeriesInstanceUID"]).exists()
+    assert not (shard_dir / ".verified" / f"{row['SeriesInstanceUID']}.json").exists()
+    assert len(list((shard_dir / PARTIAL / row["SeriesInstanceUID"]).glob("*.dcm"))) >= count

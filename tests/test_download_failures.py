@@ -58,7 +58,7 @@ def test_malformed_rows_never_reach_a_manifest(bucket, tmp_path):
     assert {entries[row["SeriesInstanceUID"]]["status"] for row in EVIL} == {"missing"}
     manifest = (shard_dir / ".s5cmd" / "attempt-0.txt").read_text()
     assert manifest.splitlines() == [
-        f"cp 's3://{BUCKET}/{GOOD[0]['crdc_series_uuid']}/*' "
+        f"cp --if-size-differ 's3://{BUCKET}/{GOOD[0]['crdc_series_uuid']}/*' "
         f"'{shard_dir}/.partial/{GOOD[0]['SeriesInstanceUID']}/'"
     ]
     assert not (tmp_path / "escape").exists()
@@ -173,3 +173,82 @@ def test_progress_line_and_thread():
     assert len(progress.lines) >= 3  # periodic lines plus the final one
     assert progress.lines[0].startswith("shard 0: 0/2 series, 1.0 KB, ")
     assert progress.lines[-1].startswith("shard 0: 2/2 series, 1.0 KB, ")
+
+
+# ------------------------------------------------------------------ full or read-only disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (needs root's CAP_SYS_ADMIN; skipped elsewhere)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def run_cli(url: str, rows: list[dict], out_dir, report, tmp_path) -> subprocess.CompletedProcess:
+    cohort = tmp_path / "cohort.parquet"
+    pd.DataFrame(rows).to_parquet(cohort)
+    return subprocess.run(
+        [sys.executable, "-m", "idc_diffusion", "download", "--settings",
+         json.dumps(settings(url, retries=0, max_failed_fraction=0.0)), "--cohort", str(cohort),
+         "--shard", "0", "--out-dir", str(out_dir), "--report", str(report)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def big_bucket(tmp_path_factory):
+    """Three series of two 512 KB instances: more than the 1 MiB disk holds."""
+    source = tmp_path_factory.mktemp("big")
+    rows = [cohort_row(str(61 + i), "CT", 2) for i in range(3)]
+    with moto_s3() as s3:
+        s3.client.create_bucket(Bucket=BUCKET)
+        for row in rows:
+            paths = write_synthetic_series(row, source / row["SeriesInstanceUID"], matrix=512)
+            s3.upload_series(BUCKET, row["crdc_series_uuid"], paths)
+        yield s3.url, rows
+
+
+def test_disk_full_is_reported_with_its_cause(big_bucket, small_disk, tmp_path):
+    url, rows = big_bucket
+    proc = run_cli(url, rows, small_disk / "shard-0", small_disk / "shard-0.json", tmp_path)
+    assert proc.returncode == 3, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == f"full report: {small_disk / 'shard-0.failed.json'}"
+    failed = json.loads((small_disk / "shard-0.failed.json").read_text())
+    assert failed["counts"]["ok"] == 0
+    reasons = [entry["reason"] for entry in failed["series"]]
+    assert all(r.startswith("disk full after 2 attempts; ") for r in reasons), reasons
+    assert "no space left on device" in (small_disk / "shard-0/.s5cmd/s5cmd.log").read_text()
+
+
+def test_read_only_output_folder(big_bucket, small_disk, tmp_path):
+    url, rows = big_bucket
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    # the shard folder cannot be created: every series says why, the report goes beside
+    proc = run_cli(url, rows, small_disk / "shard-0", tmp_path / "shard-0.json", tmp_path)
+    assert proc.returncode == 3, proc.stderr
+    assert "Traceback" not in proc.stderr
+    failed = json.loads((tmp_path / "shard-0.failed.json").read_text())
+    reasons = {entry["reason"] for entry in failed["series"]}
+    assert reasons == {
+        f"read-only output folder: [Errno 30] Read-only file system: '{small_disk / 'shard-0'}'"
+    }
+    # nowhere to write even the report: one line, exit 4
+    proc = run_cli(url, rows, small_disk / "shard-0", small_disk / "shard-0.json", tmp_path)
+    assert proc.returncode == 4, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        "idc-diffusion download: error: Read-only file system "
+        f"({small_disk}/shard-0.failed.json.tmp)"
+    )

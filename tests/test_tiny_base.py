@@ -9,16 +9,12 @@ import pytest
 import torch
 from train_fixtures import settings, write_dataset
 
+from idc_diffusion.base_model import fetch_base_model
 from idc_diffusion.cli import main
 from idc_diffusion.hashing import file_sha256
 from idc_diffusion.latent_cache import encode_moments
 from idc_diffusion.models import build_tiny_pipeline, check_pipeline_folder, load_base_pipeline
-from idc_diffusion.tiny_base import (
-    fit_vae,
-    latent_scaling_factor,
-    reconstruction_error,
-    write_tiny_base,
-)
+from idc_diffusion.tiny_base import fit_vae, latent_scaling_factor, reconstruction_error
 from idc_diffusion.train_data import load_images, read_split
 
 FAST = {"steps": 3, "batch_size": 4, "learning_rate": 2e-3, "kl_weight": 1e-4}
@@ -62,10 +58,13 @@ def test_scaling_factor_gives_unit_latent_std(images: torch.Tensor) -> None:
 
 def test_written_base_is_a_pipeline_with_a_true_manifest(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "base_model"
-    manifest = write_tiny_base({"tiny_seed": 1, "tiny_vae": FAST}, data, out, 32)
+    manifest = fetch_base_model(
+        {"base_model": "tiny", "tiny_seed": 1, "tiny_vae": FAST}, out, 32, data
+    )
     check_pipeline_folder(out)
     on_disk = json.loads((out / "manifest.json").read_text())
     assert on_disk == manifest and manifest["source"] == "tiny" and manifest["revision"] is None
+    assert manifest["kind"] == "tiny" and manifest["resolution"] == 32
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert set(manifest["files"]) == files - {"manifest.json"}
     for name, record in manifest["files"].items():
@@ -84,7 +83,7 @@ def test_written_base_is_a_pipeline_with_a_true_manifest(data: Path, tmp_path: P
 
 def test_resolution_mismatch_names_the_split(data: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"train/metadata.jsonl: images are 32 px.*64 px"):
-        write_tiny_base({"tiny_vae": FAST}, data, tmp_path / "b", 64)
+        fetch_base_model({"base_model": "tiny", "tiny_vae": FAST}, tmp_path / "b", 64, data)
 
 
 def test_training_reads_the_base_folder(data: Path, tmp_path: Path) -> None:

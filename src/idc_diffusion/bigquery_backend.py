@@ -5,6 +5,9 @@ The series table is built in SQL the way idc-index-data builds its bundled parqu
 the collection/patient/study/series attributes, BodyPartExamined from
 `dicom_metadata_curated`, COUNT for instanceCount and SUM(instance_size)/1e6 for
 series_size_MB. The cohort filters and ranking then run on it unchanged (cohort_spec).
+One column the index lacks, ``instance_files`` (``<crdc_instance_uuid>.dcm <instance_size>
+<instance_hash>`` per instance, ``;``-separated: the object names in the bucket with their
+size and MD5), lets the download stage check every landed file's bytes.
 Species comes from the bundled collections index (passed in as a list of collection ids),
 so the same collections are excluded on both backends.
 
@@ -45,6 +48,14 @@ SERIES_COLUMNS: tuple[tuple[str, str], ...] = (
     ("crdc_series_uuid", "ANY_VALUE(dicom_all.crdc_series_uuid)"),
     ("series_aws_url", "ANY_VALUE(CONCAT(dicom_all.series_aws_url, '*'))"),
     ("series_size_MB", "SUM(SAFE_CAST(dicom_all.instance_size AS FLOAT64)) / 1000000."),
+    # BigQuery only (the bundled index has no per-file sizes or hashes): each object's name,
+    # size and MD5, which download checks every landed file against
+    (
+        "instance_files",
+        "STRING_AGG(CONCAT(dicom_all.crdc_instance_uuid, '.dcm ', "
+        "CAST(dicom_all.instance_size AS STRING), ' ', dicom_all.instance_hash), ';' "
+        "ORDER BY dicom_all.crdc_instance_uuid)",
+    ),
 )
 
 

@@ -65,17 +65,31 @@ def cmd_cohort(args: argparse.Namespace) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> None:
-    from idc_diffusion.download import DownloadFailed, download_shard
+    from idc_diffusion.download import (
+        DownloadFailed,
+        DownloadInterrupted,
+        download_shard,
+        signals_interrupt,
+    )
 
     rows = _shard_rows(Path(args.cohort), args.shard)
+    settings = _settings(args, "download")
     try:
-        download_shard(
-            rows, args.shard, Path(args.out_dir), Path(args.report), _settings(args, "download")
-        )
+        with signals_interrupt():
+            download_shard(rows, args.shard, Path(args.out_dir), Path(args.report), settings)
     except DownloadFailed as exc:  # the report is written (shard-K.failed.json); stop here
         log.error("download failed:\n%s", exc)
         print(f"idc-diffusion download: error: {exc}", file=sys.stderr)
         raise SystemExit(3) from None
+    except DownloadInterrupted as stop:  # verified series are kept; a rerun resumes
+        print(f"idc-diffusion download: {stop}; rerun to resume", file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
+    except FileNotFoundError:
+        raise  # a setup problem (no s5cmd, no cohort): main() words it
+    except OSError as exc:  # disk full, read-only folder: one line, no traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"idc-diffusion download: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        raise SystemExit(4) from None
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -103,18 +117,19 @@ def cmd_dataset(args: argparse.Namespace) -> None:
 
 
 def cmd_base_model(args: argparse.Namespace) -> None:
-    from idc_diffusion.models import TINY, load_base_pipeline
-    from idc_diffusion.tiny_base import save_base, write_tiny_base
+    from idc_diffusion.base_model import base_settings, fetch_base_model, pin_snippet
 
-    settings = _settings(args, "train")
-    out_dir = Path(args.out_dir)
-    if settings["base_model"] != TINY:
-        pipeline = load_base_pipeline(settings["base_model"], settings["revision"])
-        save_base(pipeline, out_dir, {"source": settings["base_model"], "revision": None})
-    elif not args.dataset_dir:
-        raise ConfigError("base-model: the tiny model needs --dataset-dir (its VAE is fitted)")
-    else:
-        write_tiny_base(settings, Path(args.dataset_dir), out_dir, args.resolution)
+    settings = base_settings(_settings(args, "train"))
+    resolution = args.resolution
+    if resolution is None:  # the tiny model's size: the prepared images'
+        resolution = _config_file(args.config)["prepare"]["resolution"] if args.config else 64
+    dataset_dir = Path(args.dataset_dir) if args.dataset_dir else None
+    manifest = fetch_base_model(settings, Path(args.out_dir), resolution, dataset_dir)
+    log.info(
+        "base model %s (revision %s, %d files) in %s; to pin exactly these weights:\n%s",
+        manifest["source"], manifest["revision"], len(manifest["files"]), args.out_dir,
+        pin_snippet(manifest),
+    )  # fmt: skip
 
 
 def cmd_latents(args: argparse.Namespace) -> None:
@@ -147,6 +162,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         rows = pd.read_parquet(cohort_table, columns=["collection_id", "split"])
         counts = rows[rows["split"] == "train"]["collection_id"].value_counts()
         provenance["collections"] = {str(k): int(v) for k, v in counts.items()}
+    base_dir = Path(args.base_dir) if args.base_dir else None
+    if base_dir is not None:  # the base_model stage's folder: its manifest is provenance
+        from idc_diffusion.base_model import read_manifest
+
+        provenance["base_model"] = read_manifest(base_dir)
     latent_dir = Path(args.latent_dir) if args.latent_dir else None
     try:
         train(
@@ -155,7 +175,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             Path(args.out_dir),
             provenance,
             latent_dir=latent_dir,
-            base_dir=Path(args.base_dir) if args.base_dir else None,
+            base_dir=base_dir,
         )
     except TrainingInterrupted as stop:  # checkpoint written: exit like the signal would
         print(f"train: {stop}; rerun to resume", file=sys.stderr)
@@ -256,11 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="results/dataset")
     p.set_defaults(func=cmd_dataset)
 
-    p = sub.add_parser("base-model", help="build the tiny base pipeline and fit its VAE")
+    p = sub.add_parser(
+        "base-model", help="fetch (hub id), copy (folder) or build (tiny) the base pipeline"
+    )
     _add_settings(p)
     p.add_argument("--out-dir", default="results/base_model")
     p.add_argument(
-        "--resolution", type=int, default=64, help="tiny model: image side (prepare.resolution)"
+        "--resolution",
+        type=int,
+        help="tiny model: image side (default: --config's prepare.resolution, else 64)",
     )
     p.add_argument("--dataset-dir", help="tiny model: the dataset whose train split fits its VAE")
     p.set_defaults(func=cmd_base_model)

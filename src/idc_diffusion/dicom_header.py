@@ -2,8 +2,8 @@
 
 :func:`parse_header` walks the Part-10 preamble, the file meta group and the top-level data
 set of a native (uncompressed) little-endian file with ``struct.unpack_from``, skipping
-values, until the PixelData element. It collects SeriesInstanceUID and the image size
-fields and locates PixelData without touching the pixel bytes. It only succeeds when it
+values, until the PixelData element. It collects SOPInstanceUID, SeriesInstanceUID and the
+image size fields and locates PixelData without touching the pixel bytes. It only succeeds when it
 understands the whole structure the way pydicom would read it; anything else (big endian,
 deflated or encapsulated syntaxes, undefined-length values other than sequences, odd
 lengths, unknown VRs, tags out of order, values pydicom would choke on, bytes after PixelData
@@ -44,6 +44,7 @@ LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 
 US, UI, IS = b"US", b"UI", b"IS"
 WANTED = {  # tag -> (field of Header, VR)
+    0x00080018: ("sop_uid", UI),
     0x0020000E: ("series_uid", UI),
     0x00280002: ("samples_per_pixel", US),
     0x00280008: ("number_of_frames", IS),
@@ -78,6 +79,7 @@ class Header:
     transfer_syntax: str
     pixel_offset: int  # of the PixelData value
     pixel_length: int
+    sop_uid: str | None = None
     series_uid: str | None = None
     rows: int | None = None
     columns: int | None = None

@@ -5,9 +5,14 @@ Layout under ``shard_dir``::
     <SeriesInstanceUID>/*.dcm    verified series only (moved in when they pass)
     .verified/<SeriesInstanceUID>.json   size and mtime of each file when it was verified
     .partial/<SeriesInstanceUID>/  work in progress and series that failed verification
-    .s5cmd/attempt-<n>.txt, .s5cmd/s5cmd.log   the command files and output of this run
+    .s5cmd/attempt-<n>.txt   the command files of the latest run
+    .s5cmd/s5cmd.log         s5cmd's output, appended by every run (failed attempts stay)
 
-A rerun keeps the verified folders, clears ``.partial`` and fetches only the rest.
+s5cmd writes each object into ``.partial``; a series is verified and moved into place as
+soon as all its files have landed, while the rest of the shard downloads. A rerun (after a
+failure, a kill or a SLURM time limit) keeps the verified folders and ``.partial``: files
+there are checked, bad ones and s5cmd's temporary files removed, and s5cmd
+(``cp --if-size-differ``) fetches only the objects still missing.
 
 Sources: ``idc`` (s5cmd from IDC's buckets on AWS, Google Cloud Storage or a mirror),
 ``local`` (DICOM already on disk under ``local_root``, hard-linked in) and ``synthetic``
@@ -21,14 +26,18 @@ written to ``shard-K.failed.json`` instead of ``shard-K.json`` (the rule's outpu
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 import time
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +49,12 @@ from idc_diffusion.rows import cell
 from idc_diffusion.synthetic import write_synthetic_series
 from idc_diffusion.verify import (
     STATUSES,
+    FileCheck,
     KnownFiles,
+    ListedFiles,
     SeriesCheck,
     check_file,
+    is_temporary,
     series_files,
     verify_series,
 )
@@ -52,15 +64,43 @@ log = logging.getLogger(__name__)
 SOURCES = ("idc", "local", "synthetic")
 PARTIAL = ".partial"
 S5CMD_DIR = ".s5cmd"
+ORIGIN = ".crdc_series_uuid"  # in a partial folder: the series version its files came from
 VERIFIED = ".verified"  # <uid>.json per verified series: file name -> [size, mtime_ns]
 LOCAL_INDEX = "local_index.parquet"  # beside the shard folders, shared by all shards
 SERIES_UID_RE = re.compile(r"^[0-9][0-9.]{0,127}$")  # also a safe folder name
 MAX_LISTED_FAILURES = 10
 CHECK_BATCH = 32  # landed files per verification task: waking the thread per file costs more
+DEFAULT_STALL_S = 300.0
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+UNCHANGED = FileCheck(None, None)  # a file verified earlier and unchanged since
 
 
 class DownloadFailed(RuntimeError):
     """More of the shard failed than ``download.max_failed_fraction`` allows."""
+
+
+class DownloadInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the download (s5cmd stopped, what landed verified)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM (Ctrl-C, scancel, a SLURM time limit) raise
+    :class:`DownloadInterrupted` in the main thread."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise DownloadInterrupted(signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def expected_count(row: Mapping[str, Any]) -> int | None:
@@ -70,6 +110,21 @@ def expected_count(row: Mapping[str, Any]) -> int | None:
         return int(value) if value is not None else None
     except (TypeError, ValueError):
         return None
+
+
+def listed_files(row: Mapping[str, Any]) -> ListedFiles | None:
+    """name -> (size, MD5) of the series' objects when the cohort carries them
+    (``instance_files``: ``<crdc_instance_uuid>.dcm <instance_size> <instance_hash>`` per
+    instance, ``;``-separated; BigQuery cohorts), else None (also when it does not list
+    every instance: CONCAT drops instances whose size or hash is NULL)."""
+    text = cell(row, "instance_files")
+    if not isinstance(text, str) or not text:
+        return None
+    listed = {}
+    for item in text.split(";"):
+        name, size, md5 = item.split(" ")
+        listed[name] = (int(size), md5)
+    return listed if len(listed) == expected_count(row) else None  # else: rows lack a hash
 
 
 def series_entry(row: Mapping[str, Any], check: SeriesCheck) -> dict[str, Any]:
@@ -131,6 +186,7 @@ def stamp_path(final: Path) -> Path:
 def promote(partial: Path, final: Path) -> None:
     """Move a verified series folder into place, with a stamp of what was verified."""
     write_json(stamp_path(final), {"files": stamp(partial)})
+    (partial / ORIGIN).unlink(missing_ok=True)
     if final.exists():
         shutil.rmtree(final)
     os.replace(partial, final)
@@ -142,8 +198,8 @@ def stamped(folder: Path) -> KnownFiles:
         recorded = json.loads(stamp_path(folder).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return {}
-    now = stamp(folder)
-    return {name: (now[name][0], None) for name in now if recorded.get(name) == now[name]}
+    now = stamp(folder)  # distinct instances were counted when the stamp was written
+    return {name: (now[name][0], UNCHANGED) for name in now if recorded.get(name) == now[name]}
 
 
 def already_done(rows: list[dict[str, Any]], shard_dir: Path) -> dict[str, SeriesCheck]:
@@ -157,7 +213,9 @@ def already_done(rows: list[dict[str, Any]], shard_dir: Path) -> dict[str, Serie
         final = shard_dir / uid
         if not final.exists():
             continue
-        check = verify_series(final, uid, expected_count(row) or 0, stamped(final))
+        check = verify_series(
+            final, uid, expected_count(row) or 0, stamped(final), listed_files(row)
+        )
         if check.ok:
             done[uid] = check
         else:
@@ -198,25 +256,14 @@ def finish(row: Mapping[str, Any], shard_dir: Path, known: KnownFiles | None = N
     read again); move the folder into place when ok."""
     uid = str(row["SeriesInstanceUID"])
     partial = shard_dir / PARTIAL / uid
-    check = verify_series(partial, uid, expected_count(row) or 0, known)
+    check = verify_series(partial, uid, expected_count(row) or 0, known, listed_files(row))
     if check.ok:
-        promote(partial, shard_dir / uid)
+        try:
+            promote(partial, shard_dir / uid)
+        except OSError as exc:  # e.g. no room for its stamp: it stays in .partial
+            cause = s5cmd.error_cause(exc.strerror or "")
+            return SeriesCheck("incomplete", f"{cause}: {exc}", check.files, check.bytes)
     return check
-
-
-def check_batch(
-    landed: list[tuple[str, str, str]], progress: Progress
-) -> list[tuple[str, str, int, str | None]]:
-    """(series UID, file name, size, problem) of files just written by s5cmd, given as
-    (path, series UID, file name); their bytes count as done. Files that vanished are left
-    out (verify_series sees that too)."""
-    results = []
-    for path, uid, name in landed:
-        with contextlib.suppress(OSError):
-            size = os.stat(path).st_size
-            results.append((uid, name, size, check_file(path, uid)))
-            progress.add_bytes(size)
-    return results
 
 
 def synthesize(
@@ -228,8 +275,10 @@ def synthesize(
     checks = {}
     for row in rows:
         uid = str(row["SeriesInstanceUID"])
+        partial = shard_dir / PARTIAL / uid
+        shutil.rmtree(partial, ignore_errors=True)
         try:
-            write_synthetic_series(row, shard_dir / PARTIAL / uid, matrix=matrix, seed=seed)
+            write_synthetic_series(row, partial, matrix=matrix, seed=seed)
         except Exception as exc:
             log.exception("%s: synthetic generation failed", uid)
             checks[uid] = SeriesCheck("missing", f"synthetic generation failed: {exc!r}", 0, 0)
@@ -262,53 +311,213 @@ def link_local(
     return checks
 
 
-def run_attempt(
-    rows: list[dict[str, Any]],
-    shard_dir: Path,
-    manifest: Path,
-    settings: Mapping[str, Any],
-    endpoint: str,
-    progress: Progress,
-) -> dict[str, SeriesCheck]:
-    """One s5cmd run over ``manifest``. Files are checked as s5cmd reports them written, in
-    batches of CHECK_BATCH (in a worker thread, while the rest downloads); the series check
-    afterwards reuses those results for files whose size has not changed."""
-    by_uid = {str(row["SeriesInstanceUID"]): row for row in rows}
-    batches: list[Future] = []
-    pending: list[tuple[str, str, str]] = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify") as pool:
+def demote(final: Path, partial: Path) -> None:
+    """Move a promoted series' files back into its partial folder (more of its objects
+    landed after it was promoted) and drop its stamp."""
+    partial.mkdir(parents=True, exist_ok=True)
+    for name in series_files(final):
+        if not (partial / name).exists():
+            os.replace(final / name, partial / name)
+    shutil.rmtree(final)
+    stamp_path(final).unlink(missing_ok=True)
 
-        def submit_pending() -> None:
-            batches.append(pool.submit(check_batch, pending.copy(), progress))
-            pending.clear()
 
-        def on_copied(path: str) -> None:
-            folder, name = os.path.split(path)
-            uid = os.path.basename(folder)
-            if uid in by_uid:
-                pending.append((path, uid, name))
-                if len(pending) >= CHECK_BATCH:
-                    submit_pending()
+@dataclass
+class Landed:
+    """The checks of the files in the partial folders of the series being fetched, and the
+    bytes they count in progress (a file re-fetched replaces its count, never adds to it)."""
 
-        s5cmd.run_manifest(
-            manifest,
-            endpoint,
-            int(settings.get("s5cmd_workers", 16)),
-            shard_dir / S5CMD_DIR / "s5cmd.log",
-            retry_count=int(settings.get("s5cmd_retry_count", 3)),
-            on_copied=on_copied,
+    progress: Progress
+    known: dict[str, dict[str, tuple[int, FileCheck]]] = field(default_factory=dict)
+
+    def record(self, uid: str, name: str, size: int, check: FileCheck) -> None:
+        old = self.known.setdefault(uid, {}).get(name)
+        self.known[uid][name] = (size, check)
+        self.progress.add_bytes(size - (old[0] if old else 0))
+
+    def forget(self, uid: str, name: str) -> None:
+        old = self.known.get(uid, {}).pop(name, None)
+        if old:
+            self.progress.add_bytes(-old[0])
+
+
+def safe_check(path: str, uid: str, listed: ListedFiles | None, name: str) -> FileCheck:
+    """:func:`check_file` that turns any exception into the file's problem: one odd file
+    must not stop the shard."""
+    try:
+        return check_file(path, uid, listed.get(name) if listed else None)
+    except Exception as exc:
+        return FileCheck(None, f"{name}: unreadable ({type(exc).__name__}: {exc})")
+
+
+def tidy_partial(row: Mapping[str, Any], shard_dir: Path, landed: Landed) -> None:
+    """Before an attempt: remove s5cmd's temporary files and files that failed their check
+    from the series' partial folder, and check files landed by an earlier run (the whole
+    folder goes when it was fetched from another crdc_series_uuid: another IDC version)."""
+    uid = str(row["SeriesInstanceUID"])
+    partial = shard_dir / PARTIAL / uid
+    origin = partial / ORIGIN
+    with contextlib.suppress(FileNotFoundError):
+        if origin.read_text() != row["crdc_series_uuid"]:  # another version of the series
+            shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    origin.write_text(row["crdc_series_uuid"])
+    with contextlib.suppress(FileNotFoundError), os.scandir(partial) as scan:
+        for entry in scan:
+            if is_temporary(entry.name):
+                os.unlink(entry.path)
+    files = series_files(partial)
+    known = landed.known.setdefault(uid, {})
+    for name in [n for n in known if n not in files]:
+        landed.forget(uid, name)
+    listed = listed_files(row)
+    for name, st in files.items():
+        if name not in known or known[name][0] != st.st_size:
+            path = os.path.join(partial, name)
+            landed.record(uid, name, st.st_size, safe_check(path, uid, listed, name))
+        if known[name][1].problem is not None:
+            os.unlink(partial / name)
+            landed.forget(uid, name)
+
+
+class Attempt:
+    """One s5cmd run over some series. Files are checked as s5cmd reports them written, in
+    batches of CHECK_BATCH in a worker thread while the rest downloads; a series is verified
+    and moved into place as soon as all its files have landed."""
+
+    def __init__(
+        self,
+        rows: list[dict[str, Any]],
+        shard_dir: Path,
+        landed: Landed,
+        progress: Progress,
+    ) -> None:
+        self.by_uid = {str(row["SeriesInstanceUID"]): row for row in rows}
+        self.listed = {uid: listed_files(row) for uid, row in self.by_uid.items()}
+        self.shard_dir, self.landed, self.progress = shard_dir, landed, progress
+        self.checks: dict[str, SeriesCheck] = {}
+        self.late: set[str] = set()  # promoted, then another of its objects came
+        self.pending: list[tuple[str, str, str]] = []
+
+    def try_finish(self, uid: str) -> None:
+        """Verify and promote the series if all its files are there (nothing else)."""
+        row = self.by_uid[uid]
+        have = len(self.landed.known.get(uid, {}))
+        if uid in self.checks or have < (expected_count(row) or 0):
+            return
+        check = finish(row, self.shard_dir, self.landed.known[uid])
+        if check.ok:
+            self.checks[uid] = check
+            self.progress.series_done()
+
+    def overfull(self, uid: str) -> SeriesCheck:
+        """Demote a promoted series whose prefix held more objects than the index has
+        instances (one landed, or failed to land, after the promotion): not ok, and no
+        retry can make it so."""
+        self.progress.series_done(-1)
+        partial = self.shard_dir / PARTIAL / uid
+        demote(self.shard_dir / uid, partial)
+        row = self.by_uid[uid]
+        expected = expected_count(row) or 0
+        check = verify_series(partial, uid, expected, self.landed.known.get(uid), self.listed[uid])
+        reason = check.reason or (
+            f"the bucket holds more objects than the index's {expected} instances"
         )
-        submit_pending()
-        known: dict[str, dict[str, tuple[int, str | None]]] = {uid: {} for uid in by_uid}
-        for batch in batches:  # in landing order: a file written twice keeps its last check
-            for uid, name, size, problem in batch.result():
-                known[uid][name] = (size, problem)
-        checks = {}
-        for uid, row in by_uid.items():
-            checks[uid] = finish(row, shard_dir, known[uid])
-            if checks[uid].ok:
-                progress.series_done()
-    return checks
+        return SeriesCheck("incomplete", reason, check.files, check.bytes)
+
+    def check_batch(self, batch: list[tuple[str, str, str]]) -> None:
+        """(path, series UID, file name) of files just written by s5cmd: check them, then
+        finish the series they complete. Files that vanished are left out."""
+        touched = set()
+        for path, uid, name in batch:
+            if uid in self.checks:
+                self.late.add(uid)
+                continue
+            with contextlib.suppress(OSError):
+                size = os.stat(path).st_size
+                self.landed.record(uid, name, size, safe_check(path, uid, self.listed[uid], name))
+                touched.add(uid)
+        for uid in touched:
+            self.try_finish(uid)
+
+    def run(self, manifest: Path, settings: Mapping[str, Any], endpoint: str) -> s5cmd.RunResult:
+        """Run s5cmd on ``manifest``; afterwards verify the series not finished yet."""
+        batches: list[Future] = []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify") as pool:
+
+            def submit_pending() -> None:
+                batches.append(pool.submit(self.check_batch, self.pending.copy()))
+                self.pending.clear()
+
+            def on_copied(path: str) -> None:
+                folder, name = os.path.split(path)
+                uid = os.path.basename(folder)
+                if uid in self.by_uid:
+                    self.pending.append((path, uid, name))
+                    if len(self.pending) >= CHECK_BATCH:
+                        submit_pending()
+
+            try:
+                result = s5cmd.run_manifest(
+                    manifest,
+                    endpoint,
+                    int(settings.get("s5cmd_workers", 16)),
+                    self.shard_dir / S5CMD_DIR / "s5cmd.log",
+                    retry_count=int(settings.get("s5cmd_retry_count", 3)),
+                    on_copied=on_copied,
+                    stall_s=float(settings.get("stall_timeout_s", DEFAULT_STALL_S)) or None,
+                )
+            finally:
+                submit_pending()  # what landed is checked (and promoted) even on an interrupt
+        for batch in batches:
+            batch.result()  # raise what went wrong in the worker
+        errors = series_causes(result, list(self.by_uid.values()))
+        self.late |= {uid for uid, found in errors.items() if uid in self.checks and found}
+        for uid in self.late:  # another object came after the series was promoted
+            self.checks[uid] = self.overfull(uid)
+        for uid, row in self.by_uid.items():
+            if uid not in self.checks:
+                self.checks[uid] = finish(row, self.shard_dir, self.landed.known.get(uid))
+                if self.checks[uid].ok:
+                    self.progress.series_done()
+        return result
+
+
+def series_causes(result: s5cmd.RunResult, rows: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """Series UID -> transport causes of the s5cmd errors about its objects in one run."""
+    by_uuid = {str(row["crdc_series_uuid"]): str(row["SeriesInstanceUID"]) for row in rows}
+    causes: dict[str, set[str]] = {}
+    for line in result.errors:
+        found = s5cmd.error_source(line)
+        if found:
+            url, cause = found
+            uid = by_uuid.get(url.split("/")[3]) if url.count("/") >= 3 else None
+            if uid:
+                causes.setdefault(uid, set()).add(cause)
+    if result.stalled_s:
+        for row in rows:
+            causes.setdefault(str(row["SeriesInstanceUID"]), set()).add("stalled")
+    return causes
+
+
+def cause_text(cause: str, attempts: int, settings: Mapping[str, Any]) -> str:
+    """``HTTP 503 SlowDown after 6 attempts``, ``stalled: nothing landed for 300 s ...``."""
+    if cause == "stalled":
+        stall = float(settings.get("stall_timeout_s", DEFAULT_STALL_S))
+        return f"stalled: nothing landed for {stall:g} s, in {attempts} attempts"
+    tries = attempts * (1 + int(settings.get("s5cmd_retry_count", 3)))
+    return f"{cause} after {tries} attempts"
+
+
+def with_cause(
+    check: SeriesCheck, causes: Counter[str], settings: Mapping[str, Any]
+) -> SeriesCheck:
+    """The check of a failed series with its most frequent transport cause in front."""
+    if check.ok or not causes:
+        return check
+    cause, attempts = causes.most_common(1)[0]
+    reason = f"{cause_text(cause, attempts, settings)}; {check.reason}"
+    return SeriesCheck(check.status, reason, check.files, check.bytes)
 
 
 def fetch(
@@ -320,7 +529,12 @@ def fetch(
     endpoint = s5cmd.resolve_endpoint(provider, settings.get("endpoint_url"))
     log_dir = shard_dir / S5CMD_DIR
     log_dir.mkdir(parents=True, exist_ok=True)
+    for old in log_dir.glob("attempt-*.txt"):
+        old.unlink()
     checks: dict[str, SeriesCheck] = {}
+    causes: dict[str, Counter[str]] = {str(row["SeriesInstanceUID"]): Counter() for row in rows}
+    landed = Landed(progress)
+    overfull: set[str] = set()
     pending = rows
     attempts = 1 + max(int(settings.get("retries", 2)), 0)
     backoff = float(settings.get("retry_backoff_s", 5.0))
@@ -333,20 +547,39 @@ def fetch(
                 "attempt %d: %d series failed; retrying in %.1f s", attempt, len(pending), wait
             )
             time.sleep(wait)
+        run = Attempt(pending, shard_dir, landed, progress)
         jobs = []
         for row in pending:
-            dest = shard_dir / PARTIAL / str(row["SeriesInstanceUID"])
-            shutil.rmtree(dest, ignore_errors=True)  # a retry starts from an empty folder
-            bucket = s5cmd.provider_bucket(provider, str(row["aws_bucket"]))
-            jobs.append(s5cmd.CopyJob(bucket, str(row["crdc_series_uuid"]), dest))
-        manifest = log_dir / f"attempt-{attempt}.txt"
-        manifest.write_text(s5cmd.build_manifest(jobs))
-        log.info(
-            "attempt %d: fetching %d series from %s with %s", attempt, len(jobs), endpoint, binary
-        )
-        checks.update(run_attempt(pending, shard_dir, manifest, settings, endpoint, progress))
-        pending = [row for row in pending if not checks[str(row["SeriesInstanceUID"])].ok]
-    return checks
+            uid = str(row["SeriesInstanceUID"])
+            tidy_partial(row, shard_dir, landed)
+            run.try_finish(uid)  # complete from an earlier run: nothing to fetch
+            if uid not in run.checks:
+                bucket = s5cmd.provider_bucket(provider, str(row["aws_bucket"]))
+                dest = shard_dir / PARTIAL / uid
+                jobs.append(s5cmd.CopyJob(bucket, str(row["crdc_series_uuid"]), dest))
+        if jobs:
+            manifest = log_dir / f"attempt-{attempt}.txt"
+            manifest.write_text(s5cmd.build_manifest(jobs))
+            log.info(
+                "attempt %d: fetching %d series from %s with %s",
+                attempt,
+                len(jobs),
+                endpoint,
+                binary,
+            )
+            result = run.run(manifest, settings, endpoint)
+            for uid, found in series_causes(result, pending).items():
+                causes[uid].update(found)
+        checks.update(run.checks)
+        overfull |= run.late  # a retry would promote what it has and miss the extra objects
+        for uid in run.late:
+            causes[uid].clear()  # s5cmd's errors there came from moving the folder away
+        pending = [
+            row
+            for row in pending
+            if not checks[uid := str(row["SeriesInstanceUID"])].ok and uid not in overfull
+        ]
+    return {uid: with_cause(check, causes[uid], settings) for uid, check in checks.items()}
 
 
 def failure_summary(report: Mapping[str, Any], max_fraction: float) -> str | None:
@@ -375,6 +608,32 @@ def failed_report_path(report_path: Path) -> Path:
     return report_path.with_name(report_path.stem + ".failed" + report_path.suffix)
 
 
+def get_series(
+    rows: list[dict[str, Any]],
+    shard: int,
+    shard_dir: Path,
+    source: str,
+    settings: Mapping[str, Any],
+) -> dict[str, SeriesCheck]:
+    """Checks of the (prechecked) rows: verified earlier, or fetched, linked or synthesized
+    now."""
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    checks = already_done(rows, shard_dir)
+    todo = [row for row in rows if str(row["SeriesInstanceUID"]) not in checks]
+    log.info("shard %d: %d series verified earlier, %d to do", shard, len(checks), len(todo))
+    if todo:
+        interval = float(settings.get("progress_interval_s", 10.0))
+        expected = None if source == "synthetic" else expected_bytes(todo)  # phantoms are smaller
+        with Progress(f"shard {shard}", len(todo), expected, interval) as progress:
+            if source == "synthetic":
+                checks.update(synthesize(todo, shard_dir, settings, progress))
+            elif source == "local":
+                checks.update(link_local(todo, shard_dir, settings, progress))
+            else:
+                checks.update(fetch(todo, shard_dir, settings, progress))
+    return checks
+
+
 def download_shard(
     rows: pd.DataFrame, shard: int, shard_dir: Path, report_path: Path, settings: dict
 ) -> dict:
@@ -392,10 +651,6 @@ def download_shard(
         s5cmd.resolve_endpoint(settings.get("provider", "aws"), settings.get("endpoint_url"))
     shard_dir, report_path = Path(shard_dir), Path(report_path)
     records = unique_rows(rows)
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(shard_dir / PARTIAL, ignore_errors=True)
-    shutil.rmtree(shard_dir / S5CMD_DIR, ignore_errors=True)
-
     checks = {}
     valid = []
     for row in records:
@@ -405,26 +660,17 @@ def download_shard(
         else:
             checks[str(row["SeriesInstanceUID"])] = bad
             log.warning("%s: %s", row["SeriesInstanceUID"], bad.reason)
-    done = already_done(valid, shard_dir)
-    checks.update(done)
-    todo = [row for row in valid if str(row["SeriesInstanceUID"]) not in done]
-    log.info(
-        "shard %d: %d series verified earlier, %d rejected, %d to do",
-        shard,
-        len(done),
-        len(records) - len(valid),
-        len(todo),
-    )
-    if todo:
-        interval = float(settings.get("progress_interval_s", 10.0))
-        expected = None if source == "synthetic" else expected_bytes(todo)  # phantoms are smaller
-        with Progress(f"shard {shard}", len(todo), expected, interval) as progress:
-            if source == "synthetic":
-                checks.update(synthesize(todo, shard_dir, settings, progress))
-            elif source == "local":
-                checks.update(link_local(todo, shard_dir, settings, progress))
-            else:
-                checks.update(fetch(todo, shard_dir, settings, progress))
+    try:
+        checks.update(get_series(valid, shard, shard_dir, source, settings))
+    except OSError as exc:  # disk full, read-only folder: every unfinished series says so
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        cause = f"{s5cmd.error_cause(exc.strerror or '')}: {exc}"
+        log.error("shard %d: %s", shard, cause)
+        with contextlib.suppress(OSError):
+            checks.update(already_done(valid, shard_dir))  # promoted before the error
+        for row in valid:
+            checks.setdefault(str(row["SeriesInstanceUID"]), SeriesCheck("missing", cause, 0, 0))
 
     with contextlib.suppress(OSError):
         (shard_dir / PARTIAL).rmdir()  # only when empty: failed series stay for inspection

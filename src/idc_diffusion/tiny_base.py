@@ -11,7 +11,6 @@ pipeline, which ``latents``, ``train`` and ``sample`` only read).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -21,13 +20,11 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
-from idc_diffusion.hashing import file_sha256
 from idc_diffusion.latent_cache import encode_moments
 from idc_diffusion.train_data import image_resolution, load_images, read_split, seeded_generator
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
 DEFAULTS: dict[str, Any] = {
     "steps": 400,
     "batch_size": 16,
@@ -150,42 +147,3 @@ def fit_tiny_vae(
         "reconstruction_error_grey_levels": round(error, 3),
         "scaling_factor": scale,
     }
-
-
-def file_records(folder: Path) -> dict[str, dict[str, Any]]:
-    """``{relative path: {"size", "sha256"}}`` of every file under ``folder``."""
-    return {
-        path.relative_to(folder).as_posix(): {
-            "size": path.stat().st_size,
-            "sha256": file_sha256(path),
-        }
-        for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name != MANIFEST_NAME
-    }
-
-
-def save_base(
-    pipeline: StableDiffusionPipeline, out_dir: Path, record: Mapping[str, Any]
-) -> dict[str, Any]:
-    """Save ``pipeline`` into ``out_dir`` with ``manifest.json`` (``record`` + file digests)."""
-    out_dir = Path(out_dir)
-    pipeline.save_pretrained(out_dir, safe_serialization=True)
-    manifest = {**record, "files": file_records(out_dir)}
-    (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return manifest
-
-
-def write_tiny_base(
-    settings: Mapping[str, Any], dataset_dir: Path, out_dir: Path, resolution: int
-) -> dict[str, Any]:
-    """Build the seeded tiny pipeline, fit and freeze its VAE, save it with ``manifest.json``.
-
-    ``settings`` is the train section (``tiny_seed``, ``tiny_vae``). Returns the manifest.
-    """
-    from idc_diffusion.models import build_tiny_pipeline
-
-    seed = int(settings.get("tiny_seed", 0))
-    pipeline = build_tiny_pipeline(seed=seed, sample_size=resolution)
-    vae = fit_tiny_vae(pipeline, dataset_dir, settings.get("tiny_vae"), seed)
-    record = {"source": "tiny", "revision": None, "tiny_seed": seed, "resolution": resolution}
-    return save_base(pipeline, out_dir, {**record, "tiny_vae": vae})

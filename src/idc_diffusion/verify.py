@@ -1,8 +1,10 @@
 """Per-series verification of downloaded (or synthesized) DICOM files.
 
-A series is ``ok`` only when its folder holds exactly the expected number of files, every
-file parses as DICOM Part-10, carries the expected SeriesInstanceUID and has complete pixel
-data. Pixels are never decoded: the checks read headers and compare byte counts.
+A series is ``ok`` only when its folder holds exactly the expected number of distinct
+instances (SOPInstanceUIDs, one file each), every file parses as DICOM Part-10, carries the
+expected SeriesInstanceUID, has complete pixel data and no bytes past the end of its data
+set. When the source lists each object's size and MD5 (BigQuery cohorts), every file must
+match them too. Pixels are never decoded: the checks read headers and compare byte counts.
 
 Files that :mod:`idc_diffusion.dicom_header` can vouch for are checked from their header
 bytes alone; all others (and every file with a problem) go through pydicom, which words the
@@ -11,11 +13,14 @@ reasons.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -27,6 +32,7 @@ log = logging.getLogger(__name__)
 
 STATUSES = ("ok", "missing", "incomplete", "corrupt")
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+S5CMD_TEMPORARY = re.compile(r"\.dcm\d+$")  # s5cmd's CreateTemp(dir, name + "*")
 
 
 @dataclass(frozen=True)
@@ -43,12 +49,23 @@ class SeriesCheck:
         return self.status == "ok"
 
 
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is one of s5cmd's temporary files (``<object name><digits>``,
+    renamed to the object name once complete, left behind when s5cmd is killed)."""
+    return S5CMD_TEMPORARY.search(name) is not None
+
+
 def series_files(folder: Path) -> dict[str, os.stat_result]:
-    """name -> stat of the instance files of a series folder (regular, non-hidden files),
-    sorted by name; empty when the folder does not exist. One scandir, one stat a file."""
+    """name -> stat of the instance files of a series folder (regular files, neither hidden
+    nor temporary), sorted by name; empty when the folder does not exist. One scandir, one
+    stat a file."""
     try:
         with os.scandir(folder) as scan:
-            entries = [e for e in scan if not e.name.startswith(".") and e.is_file()]
+            entries = [
+                e
+                for e in scan
+                if not e.name.startswith(".") and not is_temporary(e.name) and e.is_file()
+            ]
     except (FileNotFoundError, NotADirectoryError):
         return {}
     return {e.name: e.stat() for e in sorted(entries, key=lambda e: e.name)}
@@ -71,9 +88,15 @@ def expected_pixel_bytes(ds: Dataset) -> int | None:
     return native_pixel_bytes(rows, cols, samples, frames, bits)
 
 
+def pixel_element(ds: Dataset) -> str | None:
+    """Keyword of the pixel data element of ``ds``, or None."""
+    return next((k for k in PIXEL_KEYWORDS if k in ds), None)
+
+
 def pixel_problem(ds: Dataset) -> str | None:
-    """Why the pixel data of ``ds`` is incomplete, or None when it looks whole."""
-    keyword = next((k for k in PIXEL_KEYWORDS if k in ds), None)
+    """Why the pixel data of ``ds`` is incomplete or cannot be checked, or None when it
+    looks whole."""
+    keyword = pixel_element(ds)
     if keyword is None:
         return "no pixel data (truncated?)"
     value = ds[keyword].value
@@ -81,11 +104,32 @@ def pixel_problem(ds: Dataset) -> str | None:
         return f"empty {keyword}"
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is not None and not syntax.is_transfer_syntax:
+        return (
+            f"TransferSyntaxUID {syntax} is not a transfer syntax pydicom knows (private or "
+            "newer); its pixel data cannot be checked or decoded"
+        )
     if keyword == "PixelData" and syntax is not None and syntax.is_encapsulated:
         return None  # compressed: dcmread already failed or dropped a truncated element
     expected = expected_pixel_bytes(ds)
     if keyword == "PixelData" and expected is not None and len(value) < expected:
         return f"PixelData has {len(value)} bytes, expected {expected} (truncated)"
+    return None
+
+
+def size_problem(ds: Dataset, size: int) -> str | None:
+    """Why a file of ``size`` bytes holds more than the data set pydicom read from it (bytes
+    past its last element, or garbage read as elements out of tag order), or None."""
+    tags = list(ds.keys())  # in file order
+    if tags != sorted(tags):
+        return "bytes after the end of its data set that are not DICOM elements"
+    last = ds[tags[-1]]
+    value = last.value
+    if last.file_tell is None or not isinstance(value, bytes):
+        return None  # pydicom does not say where it ends
+    end = last.file_tell + len(value) + (8 if last.is_undefined_length else 0)
+    if size > end:
+        return f"{size - end} bytes after the end of its data set ({size} bytes, header says {end})"
     return None
 
 
@@ -100,46 +144,114 @@ def header_fine(header: Header, series_uid: str) -> bool:
     return header.pixel_length > 0 and header.pixel_length >= expected
 
 
-def fast_fine(path: str | Path, series_uid: str) -> bool:
-    """Whether the file is fine judging by its header bytes alone (False: ask pydicom)."""
+def fast_check(path: str | Path, series_uid: str) -> Header | None:
+    """The header of a file that is fine judging by its header bytes alone (the fast path
+    reads the whole structure to the end of the file), or None: ask pydicom."""
     try:
         header = read_header(path)
     except OSError:
-        return False
-    return header is not None and header_fine(header, series_uid)
+        return None
+    return header if header is not None and header_fine(header, series_uid) else None
 
 
-def pydicom_check(path: str | Path, series_uid: str) -> str | None:
-    """:func:`check_file` by reading the whole file with pydicom."""
+class FileCheck(NamedTuple):
+    """Outcome of checking one instance file: its SOPInstanceUID, and its problem (prefixed
+    by the file name) or None when it is fine."""
+
+    sop_uid: str | None
+    problem: str | None
+
+
+def pydicom_check(path: str | Path, series_uid: str) -> FileCheck:
+    """:func:`check_file` by reading the whole file with pydicom. Never raises: whatever
+    pydicom raises on a damaged or unusual file becomes the problem."""
     path = Path(path)
     try:
         ds = pydicom.dcmread(path)
+        sop = ds.get("SOPInstanceUID")
+        sop = None if sop is None else str(sop)
+        problem = pixel_problem(ds) or size_problem(ds, path.stat().st_size)
+        found = ds.get("SeriesInstanceUID")
     except InvalidDicomError as exc:
-        return f"{path.name}: not a DICOM file ({exc})"
+        return FileCheck(None, f"{path.name}: not a DICOM file ({exc})")
     except Exception as exc:  # pydicom raises many types on damaged files
-        return f"{path.name}: unreadable ({type(exc).__name__}: {exc})"
-    problem = pixel_problem(ds)
+        return FileCheck(None, f"{path.name}: unreadable ({type(exc).__name__}: {exc})")
     if problem:
-        return f"{path.name}: {problem}"
-    found = ds.get("SeriesInstanceUID")
+        return FileCheck(sop, f"{path.name}: {problem}")
     if found != series_uid:
-        return f"{path.name}: SeriesInstanceUID {found} != expected {series_uid}"
+        return FileCheck(sop, f"{path.name}: SeriesInstanceUID {found} != expected {series_uid}")
+    return FileCheck(sop, None)
+
+
+# name -> (instance_size, instance_hash: MD5 hex) of each object the source lists
+ListedFiles = Mapping[str, tuple[int, str]]
+
+
+def content_problem(path: str | Path, size: int, md5: str) -> str | None:
+    """Why the file's bytes differ from the source's size and MD5, or None."""
+    try:
+        actual = os.stat(path).st_size
+        if actual != size:
+            return f"{actual} bytes, the source lists {size} (instance_size)"
+        with open(path, "rb") as handle:
+            digest = hashlib.file_digest(handle, "md5").hexdigest()
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if digest != md5.lower():
+        return f"MD5 {digest} differs from the source's instance_hash {md5}"
     return None
 
 
-def check_file(path: str | Path, series_uid: str) -> str | None:
-    """Problem with one instance file (prefixed by its name), or None when it is fine."""
-    return None if fast_fine(path, series_uid) else pydicom_check(path, series_uid)
+def check_file(
+    path: str | Path, series_uid: str, listed: tuple[int, str] | None = None
+) -> FileCheck:
+    """Check one instance file (against its source size and MD5 when ``listed``)."""
+    if listed is not None and (problem := content_problem(path, *listed)):
+        return FileCheck(None, f"{os.path.basename(path)}: {problem}")
+    header = fast_check(path, series_uid)
+    return (
+        FileCheck(header.sop_uid, None) if header is not None else pydicom_check(path, series_uid)
+    )
 
 
-# name -> (size, problem or None): results of check_file made earlier (e.g. during download)
-KnownFiles = Mapping[str, tuple[int, str | None]]
+# name -> (size, check) of files checked earlier (e.g. during download)
+KnownFiles = Mapping[str, tuple[int, FileCheck]]
+
+
+def duplicates(checks: Mapping[str, FileCheck]) -> dict[str, list[str]]:
+    """SOPInstanceUID -> file names, for instances held by more than one file."""
+    names: dict[str, list[str]] = {}
+    for name, check in checks.items():
+        if check.sop_uid is not None:
+            names.setdefault(check.sop_uid, []).append(name)
+    return {sop: found for sop, found in names.items() if len(found) > 1}
+
+
+def count_problem(
+    names: list[str], distinct: int, expected: int, listed: ListedFiles | None
+) -> str | None:
+    """Why the files are not the series' instances (missing or extra), or None."""
+    if listed is not None:
+        missing = sorted(set(listed) - set(names))
+        if missing:
+            shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+            return f"{len(missing)} of {len(listed)} files missing ({shown})"
+    if distinct < expected:
+        return f"{expected - distinct} of {expected} files missing"
+    if distinct > expected:
+        return f"{distinct} files, expected {expected}"
+    return None
 
 
 def verify_series(
-    folder: Path, series_uid: str, expected_instances: int, known: KnownFiles | None = None
+    folder: Path,
+    series_uid: str,
+    expected_instances: int,
+    known: KnownFiles | None = None,
+    listed: ListedFiles | None = None,
 ) -> SeriesCheck:
-    """Check the files of one series in ``folder`` against the index's instance count.
+    """Check the files of one series in ``folder``: each file whole (and as the source lists
+    it, when ``listed``), one file per SOPInstanceUID, as many instances as the index says.
 
     A file listed in ``known`` with its current size is not read again.
     """
@@ -148,20 +260,32 @@ def verify_series(
     if not files:
         return SeriesCheck("missing", f"no files (expected {expected_instances})", 0, 0)
     known = known or {}
-    results = [
-        known[name][1]
+    checks = {
+        name: known[name][1]
         if name in known and known[name][0] == n
-        else check_file(Path(folder) / name, series_uid)
+        else check_file(Path(folder) / name, series_uid, listed.get(name) if listed else None)
         for name, n in files.items()
-    ]
-    problems = [p for p in results if p is not None]
+    }
+    problems = [c.problem for c in checks.values() if c.problem is not None]
+    if listed is not None:
+        problems += [
+            f"{name}: not an object of this series in the source"
+            for name in files
+            if name not in listed
+        ]
     if problems:
         more = f" (+{len(problems) - 1} more bad files)" if len(problems) > 1 else ""
         return SeriesCheck("corrupt", problems[0] + more, len(files), size)
-    if len(files) < expected_instances:
-        reason = f"{expected_instances - len(files)} of {expected_instances} files missing"
-        return SeriesCheck("incomplete", reason, len(files), size)
-    if len(files) > expected_instances:
-        reason = f"{len(files)} files, expected {expected_instances}"
+    repeated = duplicates(checks)
+    distinct = len(files) - sum(len(names) - 1 for names in repeated.values())
+    if repeated:
+        sop, names = next(iter(repeated.items()))
+        reason = (
+            f"SOPInstanceUID {sop} is in both {' and '.join(names)}: {len(files)} files hold "
+            f"{distinct} distinct instances, expected {expected_instances}"
+        )
+        return SeriesCheck("corrupt", reason, len(files), size)
+    reason = count_problem(list(files), distinct, expected_instances, listed)
+    if reason:
         return SeriesCheck("incomplete", reason, len(files), size)
     return SeriesCheck("ok", "", len(files), size)
