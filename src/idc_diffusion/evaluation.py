@@ -425,7 +425,7 @@ def model_metrics(
     if not matched.generated:
         matched = unmatched(len(test_entries), len(manifest), cap, seed)
         notes.append(
-            f"{samples.name}: UNMATCHED SETS: no prompt is a caption of the test split "
+            f"UNMATCHED SETS ({samples.name}): no prompt is a caption of the test split "
             "(sample.prompts is not test_captions), so FID/KID/PRDC compare all generated images "
             "with real test images whose mix of conditions may differ; the numbers mix image "
             "quality with that mismatch."
