@@ -9,17 +9,27 @@ from idc_diffusion.launch import launch_command  # src/ is on sys.path (common.s
 # The base pipeline, fetched once where the network is: on SLURM a localrule runs on the
 # login node (compute nodes often have no internet). latents and train read only this
 # folder, never the hub; manifest.json records source, resolved commit, license, digests.
+# For `tiny` it is the seeded tiny SD-2 pipeline whose VAE is first fitted on the train split
+# and frozen: the demo's stand-in for SD 2.1's pretrained VAE (src/idc_diffusion/tiny_base.py).
 localrules:
     base_model,
 
 
+TINY_BASE = config["train"]["base_model"] == "tiny"
+
+
 rule base_model:
+    input:
+        train=rules.dataset.output.train if TINY_BASE else [],
     output:
         model_index=f"{BASE_MODEL}/model_index.json",
         manifest=f"{BASE_MODEL}/manifest.json",
     params:
         settings=base_settings_arg(),
         resolution=config["prepare"]["resolution"],
+        dataset=lambda wildcards, input: (
+            f"--dataset-dir {Path(input.train).parent}" if TINY_BASE else ""
+        ),
     log:
         "logs/base_model/base_model.log",
     benchmark:
@@ -27,7 +37,7 @@ rule base_model:
     conda:
         "../envs/base_model.yaml"
     shell:
-        "python -m idc_diffusion base-model --settings {params.settings}"
+        "python -m idc_diffusion base-model --settings {params.settings} {params.dataset}"
         " --resolution {params.resolution} --out-dir $(dirname {output.manifest}) > {log} 2>&1"
 
 
@@ -57,7 +67,7 @@ rule train:
         "benchmarks/train/train.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 4
+    threads: config["train"]["threads"]
     resources:
         gpu=config["gpu"],
         nodes=1,

@@ -159,7 +159,7 @@ def write_fake_run(
             {"step": i, "epoch": 0, "loss": 1.0 / (1 + i), "lr": 1e-4, "seconds": i}
             for i in range(1, 41)
         ]
-        log += [{"step": 20, "heldout_loss": 0.18}, {"step": 40, "heldout_loss": 0.16}]
+        log += [{"step": 20, "val_loss": 0.18}, {"step": 40, "val_loss": 0.16}]
         (model / "validation").mkdir()
         for step in (20, 40):
             grid = np.full((16, 32), step * 4, np.uint8)

@@ -93,6 +93,10 @@ def test_local_rules_run_where_snakemake_runs(tmp_path: Path) -> None:
     """With the SLURM executor and no reachable cluster, only local rules can run at all."""
     raw = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     raw["local_rules"] = ["cohort"]
+    # a pipeline folder: unlike `tiny` (whose VAE is fitted on the train split) it needs no data
+    folder = tmp_path / "pipeline"
+    build_tiny_pipeline(seed=0, sample_size=64).save_pretrained(folder, safe_serialization=True)
+    raw["train"]["base_model"] = str(folder)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
     targets = ["results/cohort/cohort.parquet", "results/base_model/manifest.json"]

@@ -308,3 +308,30 @@ def test_fill_settings_defaults() -> None:
     }
     assert settings["top_pairs"] == 2 and settings["kid_subset_size"] == 50
     assert settings["memorization_quantile"] == 0.99
+
+
+def test_base_model_samples_get_every_metric_and_adherence(tmp_path) -> None:
+    run = write_fake_run(tmp_path)
+    from idc_diffusion.evaluation import evaluate
+
+    # the "base model" here is the same sample folder: its block must equal the fine-tuned one
+    metrics = evaluate(
+        SETTINGS, run.samples_dir, run.dataset_dir, run.model_dir, run.cohort_dir, run.out_dir,
+        {"run_name": "fake"}, base_samples_dir=run.samples_dir,
+    )  # fmt: skip
+    base = metrics["base_model"]
+    for key in ("compared", "fid_kid", "ms_ssim_diversity", "intensity", "subgroups"):
+        assert base[key] == metrics[key], key
+    assert base["memorization"] == {k: metrics["memorization"][k] for k in base["memorization"]}
+    floor = metrics["real_floor"]  # train side subsampled to the test side's n
+    assert (floor["n_real"], floor["n_generated"]) == (12, 12) and floor["kid"] is not None
+    assert floor["kid_ci"][0] <= floor["kid"] <= floor["kid_ci"][1]
+    adherence = metrics["adherence"]
+    assert adherence["main_field"] == adherence["fields"][0] == "modality"
+    modality = adherence["by_field"]["modality"]
+    assert modality["real_test"]["n"] == 12 and modality["fine_tuned"]["n"] == 12
+    assert modality["base"] == modality["fine_tuned"]
+    assert sum(map(sum, modality["fine_tuned"]["confusion"])) == 12
+    html = (run.out_dir / "report.html").read_text()
+    assert "Rows, top to bottom: base model · fine-tuned · real (test)" in html
+    assert (run.out_dir / "figures" / "adherence_confusion.png").is_file()

@@ -9,6 +9,7 @@ from eval_fixtures import CITATIONS, COHORT_SUMMARY
 
 from idc_diffusion.report import (
     SECTION_IDS,
+    confusion_png,
     image_rows_png,
     linkify,
     loss_curve_png,
@@ -134,6 +135,46 @@ def test_figures_are_png() -> None:
     assert loss_curve_png([]) is None
     rgb = np.zeros((8, 8, 3), np.uint8)
     assert image_rows_png([("a", [rgb, rgb]), ("b", [rgb])])[:8] == PNG_MAGIC
+
+
+def _score(accuracy: float | None, n: int) -> dict:
+    return {"accuracy": accuracy, "ci95": None if accuracy is None else [0.5, 1.0], "n": n}
+
+
+def test_comparison_and_adherence_sections_show_both_models_with_n() -> None:
+    fid = {"fid": 40.0, "kid": 0.02, "kid_ci": [0.01, 0.03], "n_real": 9, "n_generated": 6}
+    confusion = [[3, 0], [1, 2]]
+    modality = {
+        "classes": ["CT", "MR"],
+        "n_train": 20,
+        "majority_rate": 0.6,
+        "real_test": {**_score(1.0, 9), "confusion": [[5, 0], [0, 4]]},
+        "fine_tuned": {**_score(0.8333, 6), "confusion": confusion},
+        "base": {**_score(0.5, 6), "confusion": [[3, 0], [3, 0]]},
+    }
+    adherence = {"fields": ["modality"], "main_field": "modality"}
+    adherence["by_field"] = {"modality": modality}
+    metrics = {
+        "fid_kid": fid,
+        "base_model": {"fid_kid": {**fid, "fid": 300.0, "kid": 0.3, "kid_ci": [0.2, 0.4]}},
+        "real_floor": {"fid": 20.0, "kid": 0.001, "kid_ci": [-0.002, 0.004], "n_real": 9,
+                       "n_generated": 20},
+        "adherence": adherence,
+    }  # fmt: skip
+    context = {**_context(["synthetic"], False), "metrics": metrics}
+    context["adherence"] = {**adherence, "figure": confusion_png(adherence)}
+    html = render_report(context)
+    comparison = html.split('id="comparison"')[1].split("</section>")[0]
+    assert "6 generated vs 9 real test" in comparison and "9 test vs 20 train" in comparison
+    assert "0.3 [0.2, 0.4]" in comparison and "0.02 [0.01, 0.03]" in comparison
+    assert "0.50 [0.5, 1] (n=6)" in comparison and "0.83 [0.5, 1] (n=6)" in comparison
+    assert "KID is an unbiased estimate" in comparison
+    section = html.split('id="adherence"')[1].split("</section>")[0]
+    assert "real test (ceiling)" in section and "1.00 [0.5, 1] (n=9)" in section
+    assert section.count("data:image/png;base64,") == 1
+    assert confusion_png({"main_field": None, "by_field": {}}) is None
+    empty = render_report({**_context(["synthetic"], False), "metrics": {}})
+    assert "The base model was not sampled." in empty
 
 
 def test_metrics_show_n_compared_sets_and_interval_notes() -> None:

@@ -40,6 +40,7 @@ BASE_KEYS = (
     "base_model",
     "revision",
     "tiny_seed",
+    "tiny_vae",
     "base_model_sha256",
     "base_model_license",
     "hub_cache",
@@ -470,14 +471,21 @@ def fetch_hub(spec: str, settings: Mapping[str, Any]) -> tuple[Path, list[str], 
     return folder, files, provenance
 
 
-def fetch_base_model(settings: Mapping[str, Any], out_dir: Path, resolution: int) -> dict:
+def fetch_base_model(
+    settings: Mapping[str, Any], out_dir: Path, resolution: int, dataset_dir: Path | None = None
+) -> dict:
     """Put the base pipeline into `out_dir` with its manifest; returns the manifest.
 
-    `resolution` is the tiny model's sample size (the prepared images' side).
+    `resolution` is the tiny model's sample size (the prepared images' side) and
+    `dataset_dir` the dataset whose train split its VAE is fitted on.
     """
     spec = settings["base_model"]
     if spec == TINY:
-        folder, files, provenance = _build_tiny(settings, out_dir, resolution)
+        if dataset_dir is None:
+            raise ModelError(
+                "the tiny base needs --dataset-dir: its VAE is fitted on the train split"
+            )
+        folder, files, provenance = _build_tiny(settings, out_dir, resolution, dataset_dir)
     elif is_local(spec):
         check_pipeline_folder(spec)
         folder = Path(spec).expanduser().resolve()
@@ -505,20 +513,25 @@ def fetch_base_model(settings: Mapping[str, Any], out_dir: Path, resolution: int
 
 
 def _build_tiny(
-    settings: Mapping[str, Any], out_dir: Path, resolution: int
+    settings: Mapping[str, Any], out_dir: Path, resolution: int, dataset_dir: Path
 ) -> tuple[Path, list[str], dict]:
-    """The seeded tiny SD-2 pipeline saved beside `out_dir`; (folder, files, provenance)."""
+    """The seeded tiny SD-2 pipeline, its VAE fitted on the train split and frozen, saved
+    beside `out_dir`; (folder, files, provenance)."""
     from idc_diffusion.models import build_tiny_pipeline
+    from idc_diffusion.tiny_base import fit_tiny_vae
 
     folder = out_dir.with_name(out_dir.name + ".tiny")
     shutil.rmtree(folder, ignore_errors=True)
-    pipeline = build_tiny_pipeline(seed=settings.get("tiny_seed", 0), sample_size=resolution)
+    seed = int(settings.get("tiny_seed", 0))
+    pipeline = build_tiny_pipeline(seed=seed, sample_size=resolution)
+    vae_fit = fit_tiny_vae(pipeline, dataset_dir, settings.get("tiny_vae"), seed)
     pipeline.save_pretrained(folder, safe_serialization=True)
     provenance = {
         "kind": "tiny",
         "revision": None,
         "license": "none (random weights built locally by idc_diffusion)",
-        "tiny_seed": settings.get("tiny_seed", 0),
+        "tiny_seed": seed,
+        "tiny_vae": vae_fit,
         "resolution": resolution,
     }
     return folder, folder_files(folder), provenance

@@ -21,6 +21,7 @@ import pandas as pd
 from idc_diffusion.config import ConfigError, load_config
 
 log = logging.getLogger("idc_diffusion")
+BASE_DIR_HELP = "the base_model stage's folder (what rules pass); default: train.base_model"
 
 
 @functools.cache
@@ -122,7 +123,8 @@ def cmd_base_model(args: argparse.Namespace) -> None:
     resolution = args.resolution
     if resolution is None:  # the tiny model's size: the prepared images'
         resolution = _config_file(args.config)["prepare"]["resolution"] if args.config else 64
-    manifest = fetch_base_model(settings, Path(args.out_dir), resolution)
+    dataset_dir = Path(args.dataset_dir) if args.dataset_dir else None
+    manifest = fetch_base_model(settings, Path(args.out_dir), resolution, dataset_dir)
     log.info(
         "base model %s (revision %s, %d files) in %s; to pin exactly these weights:\n%s",
         manifest["source"], manifest["revision"], len(manifest["files"]), args.out_dir,
@@ -230,6 +232,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         cohort_dir=Path(args.cohort_dir),
         out_dir=Path(args.out_dir),
         config=run_config,
+        base_samples_dir=Path(args.base_samples_dir) if args.base_samples_dir else None,
     )
 
 
@@ -308,16 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="tiny model: image side (default: --config's prepare.resolution, else 64)",
     )
+    p.add_argument("--dataset-dir", help="tiny model: the dataset whose train split fits its VAE")
     p.set_defaults(func=cmd_base_model)
 
     p = sub.add_parser(
         "latents", help="encode the train and held-out splits once with the base VAE"
     )
     _add_settings(p)
-    p.add_argument(
-        "--base-dir",
-        help="the base_model stage's folder (what rules pass); default: train.base_model",
-    )
+    p.add_argument("--base-dir", help=BASE_DIR_HELP)
     p.add_argument("--batch-size", type=int, default=32, help="images per VAE forward pass")
     p.add_argument("--dataset-dir", default="results/dataset")
     p.add_argument("--out-dir", default="results/latents")
@@ -326,10 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fine-tune the UNet of a Stable Diffusion 2.x pipeline")
     _add_settings(p)
-    p.add_argument(
-        "--base-dir",
-        help="the base_model stage's folder (what rules pass); default: train.base_model",
-    )
+    p.add_argument("--base-dir", help=BASE_DIR_HELP)
     p.add_argument("--run-name", help="overrides the config's run_name")
     p.add_argument("--dataset-dir", default="results/dataset")
     p.add_argument("--cohort-dir", default="results/cohort")
@@ -362,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(p)
     p.add_argument("--run-config", default="{}", help="the whole config as JSON (provenance)")
     p.add_argument("--samples-dir", default="results/samples")
+    p.add_argument(
+        "--base-samples-dir",
+        help="the base model's samples of the same prompts (results/samples_base); compared",
+    )
     p.add_argument("--dataset-dir", default="results/dataset")
     p.add_argument("--model-dir", default="results/model")
     p.add_argument("--cohort-dir", default="results/cohort")

@@ -9,8 +9,11 @@ calibrated on the test images (at most ``max_real_images``). Images are read in 
 reduced as they are read (features; grayscale histograms; grayscale 64 px copies for the audit;
 native-size grayscale for MS-SSIM), so memory stays bounded by those reductions. A generated
 image takes the structured fields (modality, window, body part, sex, age band) of the real
-caption its prompt equals. An unreadable image, images of different sizes within a set, or a
-file listed twice in the manifest stop the stage with one line naming the file.
+caption its prompt equals. Every sample metric is computed for the fine-tuned model and, when
+its samples are given, for the base model (same prompts and seeds), beside the real-vs-real
+floor (test vs train images); prompt adherence (:mod:`idc_diffusion.adherence`) reads each
+caption field back from the images. An unreadable image, images of different sizes within a
+set, or a file listed twice in the manifest stop the stage with one line naming the file.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +38,9 @@ from idc_diffusion import intensity as I
 from idc_diffusion import memorization as MEMO
 from idc_diffusion import metrics as M
 from idc_diffusion import report as R
+from idc_diffusion.adherence import prompt_adherence
 from idc_diffusion.features import FeatureExtractor, build_extractor
-from idc_diffusion.matching import match_by_prompt, subset_indices, unmatched
+from idc_diffusion.matching import Matched, match_by_prompt, subset_indices, unmatched
 from idc_diffusion.subgroups import caption_index, subgroup_metrics
 
 DEFAULT_SETTINGS: dict[str, Any] = {
@@ -257,11 +262,14 @@ def heldout_losses(summary: dict | None) -> dict[str, Any]:
 
 
 def validation_curve(log: list[dict]) -> list[dict]:
-    """``{"step", "heldout_loss"}`` of the train-log lines written at validation steps."""
+    """``{"step", "heldout_loss"}`` of the train-log lines written at validation steps.
+
+    The trainer writes the held-out loss of a validation step as ``val_loss``.
+    """
     return [
-        {"step": int(r["step"]), "heldout_loss": float(r["heldout_loss"])}
+        {"step": int(r["step"]), "heldout_loss": float(r["val_loss"])}
         for r in log
-        if r.get("heldout_loss") is not None and r.get("step") is not None
+        if r.get("val_loss") is not None and r.get("step") is not None
     ]
 
 
@@ -321,6 +329,177 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+# ----------------------------------------------------------------------------- per model
+
+
+@dataclass
+class ModelSamples:
+    """One model's generated images: manifest, images, features, and each prompt's fields."""
+
+    name: str
+    samples_dir: Path
+    manifest: pd.DataFrame
+    images: ImageSet
+    features: torch.Tensor
+    fields: list[dict | None]
+
+
+def read_model_samples(
+    name: str, samples_dir: Path, extractor: FeatureExtractor, captions: dict[str, dict]
+) -> ModelSamples:
+    """Read a sample folder (manifest + images) and extract its features once."""
+    manifest = read_manifest(samples_dir)
+    images = ImageSet([samples_dir / f for f in manifest["file_name"]], True, True)
+    features = images.features(extractor)
+    fields = [captions.get(str(prompt)) for prompt in manifest["prompt"]]
+    return ModelSamples(name, samples_dir, manifest, images, features, fields)
+
+
+@dataclass
+class RealSets:
+    """The real images every model is compared with, read once.
+
+    ``test``: every test entry; ``train``: the train split's images (64 px copies kept for the
+    memorization audit) and features, None without a train split; ``heldout``: the audit's
+    null (a seeded subset of the test images, 64 px copies).
+    """
+
+    dataset_dir: Path
+    test_entries: list[dict]
+    train_entries: list[dict]
+    train: tuple[ImageSet, torch.Tensor] | None
+    heldout: ImageSet | None
+    _matched: dict[tuple[int, ...], tuple[ImageSet, torch.Tensor]]
+
+    def matched(self, indices: list[int], extractor: FeatureExtractor):
+        """The test images at ``indices`` (grayscale kept) and their features, read once."""
+        key = tuple(indices)
+        if key not in self._matched:
+            paths = [self.dataset_dir / "test" / self.test_entries[i]["file_name"] for i in key]
+            images = ImageSet(paths, True, False)
+            self._matched[key] = (images, images.features(extractor))
+        return self._matched[key]
+
+
+def read_real_sets(
+    dataset_dir: Path,
+    test_entries: list[dict],
+    train_entries: list[dict],
+    extractor: FeatureExtractor,
+    settings: dict,
+) -> RealSets:
+    """Read the train split (features + audit copies) and the audit's held-out null once."""
+    train = heldout = None
+    if train_entries:
+        paths = [dataset_dir / "train" / e["file_name"] for e in train_entries]
+        train_set = ImageSet(paths, False, True)
+        train = (train_set, train_set.features(extractor))
+        null_entries = choose_real(
+            test_entries, int(settings["max_real_images"]), int(settings["seed"])
+        )
+        heldout = ImageSet(
+            [dataset_dir / "test" / e["file_name"] for e in null_entries], False, True
+        )
+        heldout.read()
+    return RealSets(dataset_dir, test_entries, train_entries, train, heldout, {})
+
+
+def model_metrics(
+    samples: ModelSamples,
+    real_sets: RealSets,
+    extractor: FeatureExtractor,
+    settings: dict,
+    notes: list[str],
+) -> tuple[dict[str, Any], Matched]:
+    """Every sample metric of one model against matched real test images (and the train split).
+
+    Returns the metrics (``counts``, ``compared``, ``fid_kid``, ``ms_ssim_diversity``,
+    ``intensity``, ``subgroups``, ``memorization`` with its ``flagged`` samples and the
+    ``shown`` pairs) and the matched sets.
+    """
+    seed, cap = int(settings["seed"]), int(settings["max_real_images"])
+    identity = extractor.describe()
+    manifest, test_entries = samples.manifest, real_sets.test_entries
+    prompts = [str(p) for p in manifest["prompt"]]
+    matched = match_by_prompt([str(e.get("text")) for e in test_entries], prompts, cap, seed)
+    if not matched.generated:
+        matched = unmatched(len(test_entries), len(manifest), cap, seed)
+        notes.append(
+            f"UNMATCHED SETS ({samples.name}): no prompt is a caption of the test split "
+            "(sample.prompts is not test_captions), so FID/KID/PRDC compare all generated images "
+            "with real test images whose mix of conditions may differ; the numbers mix image "
+            "quality with that mismatch."
+        )
+    real_used = [test_entries[i] for i in matched.real]
+    real, real_feats = real_sets.matched(matched.real, extractor)
+    fake_feats = samples.features[torch.tensor(matched.generated)]
+    fake_fields = [samples.fields[i] for i in matched.generated]
+    fid = headline_metrics(real_feats, fake_feats, settings)
+    fid["feature_extractor"] = identity
+    comparison = matched.summary(len(test_entries), len(manifest))
+    if matched.matched and (comparison["generated_left_out"] or comparison["real_left_out"]):
+        notes.append(
+            f"{samples.name}: FID/KID/PRDC, intensity and subgroups compare "
+            f"{comparison['n_generated']} generated with {comparison['n_real']} real test "
+            f"images, the same number per caption ({comparison['captions']} captions); "
+            f"{comparison['generated_left_out']} generated and {comparison['real_left_out']} "
+            "real images had no counterpart of their caption (or exceeded "
+            "evaluate.max_real_images) and were left out."
+        )
+    diversity = diversity_with_reference(
+        prompts, samples.images.gray, [str(e.get("text")) for e in real_used], real.gray
+    )
+    intensity = I.intensity_fidelity(
+        real.hists,
+        [I.group_key(e) for e in real_used],
+        [samples.images.hists[i] for i in matched.generated],
+        [I.group_key(f) for f in fake_fields],
+    )
+    subgroups = subgroup_metrics(
+        real_feats,
+        real_used,
+        fake_feats,
+        fake_fields,
+        int(settings["min_group_size"]),
+        int(settings["prdc_k"]),
+        n_resamples=int(settings["bootstrap"]),
+        seed=seed,
+    )
+    memo_metrics, flagged, shown = _memorization(settings, samples, real_sets, notes)
+    return {
+        "counts": {
+            "generated": len(manifest),
+            "prompts": int(manifest["prompt"].nunique()),
+            "real_test_used": len(real_used),
+            "generated_used": len(matched.generated),
+        },
+        "compared": comparison,
+        "fid_kid": fid,
+        "ms_ssim_diversity": diversity,
+        "intensity": intensity,
+        "subgroups": {
+            "min_group_size": int(settings["min_group_size"]),
+            "feature_extractor": identity,
+            "groups": subgroups,
+        },
+        "memorization": {**memo_metrics, "flagged": flagged, "shown": shown},
+    }, matched
+
+
+def real_floor(
+    train_feats: torch.Tensor, test_feats: torch.Tensor, settings: dict
+) -> dict[str, Any]:
+    """FID/KID between real test and real train images: what "as good as real" scores.
+
+    The train side is a seeded subset of as many images as the test side, so both sides
+    have the n of the models' comparison (FID's bias depends on n).
+    """
+    keep = subset_indices(len(train_feats), len(test_feats), int(settings["seed"]))
+    floor = headline_metrics(test_feats, train_feats[torch.tensor(keep)], settings)
+    floor["compared"] = "real train images (as generated) vs real test images (as real)"
+    return floor
+
+
 # ----------------------------------------------------------------------------- figures
 
 
@@ -331,28 +510,38 @@ def _save(figures_dir: Path, name: str, png: bytes | None) -> bytes | None:
 
 
 def sample_figures(
-    manifest: pd.DataFrame,
-    samples_dir: Path,
+    fine_tuned: ModelSamples,
+    base: ModelSamples | None,
     test_by_caption: dict[str, list[Path]],
     settings: dict,
     figures_dir: Path,
 ) -> list[dict]:
-    """Per prompt (the first ``report_max_prompts``): generated beside real images."""
+    """Per prompt (the first ``report_max_prompts``): base, fine-tuned and real images.
+
+    The base model's row shows the same prompt and seeds as the fine-tuned row.
+    """
     per_prompt = int(settings["report_samples_per_prompt"])
     items = []
-    for index, group in list(manifest.groupby("prompt_index", sort=True))[
+    for index, group in list(fine_tuned.manifest.groupby("prompt_index", sort=True))[
         : int(settings["report_max_prompts"])
     ]:
         prompt = str(group["prompt"].iloc[0])
-        generated = [load_rgb(samples_dir / f) for f in group["file_name"][:per_prompt]]
+        rows = []
+        if base is not None:
+            same = base.manifest[base.manifest["prompt"] == prompt]
+            files = same["file_name"][:per_prompt]
+            rows.append(("base model", [load_rgb(base.samples_dir / f) for f in files]))
+        files = group["file_name"][:per_prompt]
+        rows.append(("fine-tuned", [load_rgb(fine_tuned.samples_dir / f) for f in files]))
         real = [load_rgb(p) for p in test_by_caption.get(prompt, [])[:per_prompt]]
-        rows = [("generated", generated)] + ([("real (test)", real)] if real else [])
+        rows += [("real (test)", real)] if real else []
         png = R.image_rows_png(rows, prompt)
         items.append(
             {
                 "prompt": prompt,
                 "n_generated": len(group),
                 "n_real": len(test_by_caption.get(prompt, [])),
+                "rows": [label for label, _ in rows],
                 "figure": _save(figures_dir, f"samples_p{int(index):04d}.png", png),
             }
         )
@@ -386,12 +575,16 @@ def evaluate(
     cohort_dir: Path,
     out_dir: Path,
     config: dict,
+    base_samples_dir: Path | None = None,
 ) -> dict:
-    """Compute the metrics, write ``metrics.json``, ``report.html`` and ``figures/``."""
+    """Compute the metrics, write ``metrics.json``, ``report.html`` and ``figures/``.
+
+    With ``base_samples_dir`` (the base model's samples of the same prompts and seeds) every
+    sample metric is computed for both models, and the report shows them side by side.
+    """
     settings = fill_settings(settings)
     samples_dir, dataset_dir, model_dir = Path(samples_dir), Path(dataset_dir), Path(model_dir)
     cohort_dir, out_dir = Path(cohort_dir), Path(out_dir)
-    manifest = read_manifest(samples_dir)
     test_entries = read_metadata(dataset_dir / "test")
     if not test_entries:
         raise ValueError(f"{dataset_dir / 'test' / 'metadata.jsonl'}: no test images")
@@ -413,60 +606,31 @@ def evaluate(
             extractor.name,
         )
     seed = int(settings["seed"])
-    cap = int(settings["max_real_images"])
 
-    generated = ImageSet([samples_dir / f for f in manifest["file_name"]], True, True)
-    all_fake_feats = generated.features(extractor)
-    prompts = [str(p) for p in manifest["prompt"]]
-    matched = match_by_prompt([str(e.get("text")) for e in test_entries], prompts, cap, seed)
-    if not matched.generated:
-        matched = unmatched(len(test_entries), len(manifest), cap, seed)
-        notes.append(
-            "UNMATCHED SETS: no prompt is a caption of the test split (sample.prompts is not "
-            "test_captions), so FID/KID/PRDC compare all generated images with real test images "
-            "whose mix of conditions may differ; the numbers mix image quality with that mismatch."
-        )
-    real_used = [test_entries[i] for i in matched.real]
-    real = ImageSet([dataset_dir / "test" / e["file_name"] for e in real_used], True, False)
-    real_feats = real.features(extractor)
-    fake_feats = all_fake_feats[torch.tensor(matched.generated)]
     captions = caption_index(test_entries + train_entries + val_entries)
-    fake_fields = [captions.get(prompts[i]) for i in matched.generated]
-    fid = headline_metrics(real_feats, fake_feats, settings)
-    fid["feature_extractor"] = identity
-    comparison = matched.summary(len(test_entries), len(manifest))
-    if matched.matched and (comparison["generated_left_out"] or comparison["real_left_out"]):
-        notes.append(
-            f"FID/KID/PRDC, intensity and subgroups compare {comparison['n_generated']} generated "
-            f"with {comparison['n_real']} real test images, the same number per caption "
-            f"({comparison['captions']} captions); {comparison['generated_left_out']} generated "
-            f"and {comparison['real_left_out']} real images had no counterpart of their caption "
-            "(or exceeded evaluate.max_real_images) and were left out."
+    models = {"fine_tuned": read_model_samples("fine-tuned", samples_dir, extractor, captions)}
+    if base_samples_dir is not None:
+        base_dir = Path(base_samples_dir)
+        models["base"] = read_model_samples("base model", base_dir, extractor, captions)
+    real_sets = read_real_sets(dataset_dir, test_entries, train_entries, extractor, settings)
+    scores, matches = {}, {}
+    for name, samples in models.items():
+        scores[name], matches[name] = model_metrics(samples, real_sets, extractor, settings, notes)
+    fine_tuned, real_indices = scores["fine_tuned"], matches["fine_tuned"].real
+    real_used = [test_entries[i] for i in real_indices]
+    _, real_feats = real_sets.matched(real_indices, extractor)
+    floor = adherence = None
+    if real_sets.train is not None:
+        train_feats = real_sets.train[1]
+        floor = real_floor(train_feats, real_feats, settings)
+        adherence = prompt_adherence(
+            (train_feats, train_entries),
+            (real_feats, real_used),
+            {name: (m.features, m.fields) for name, m in models.items()},
+            int(settings["bootstrap"]),
+            seed,
         )
-    diversity = diversity_with_reference(
-        prompts, generated.gray, [str(e.get("text")) for e in real_used], real.gray
-    )
-
-    intensity = I.intensity_fidelity(
-        real.hists,
-        [I.group_key(e) for e in real_used],
-        [generated.hists[i] for i in matched.generated],
-        [I.group_key(f) for f in fake_fields],
-    )
-    subgroups = subgroup_metrics(
-        real_feats,
-        real_used,
-        fake_feats,
-        fake_fields,
-        int(settings["min_group_size"]),
-        int(settings["prdc_k"]),
-        n_resamples=int(settings["bootstrap"]),
-        seed=int(settings["seed"]),
-    )
-
-    memo_metrics, flagged, shown = _memorization(
-        settings, generated, manifest, dataset_dir, test_entries, train_entries, notes
-    )
+    memo = fine_tuned["memorization"]
 
     train_summary = read_json(model_dir / "train_summary.json")
     train_log = read_jsonl(model_dir / "train_log.jsonl")
@@ -479,7 +643,7 @@ def evaluate(
     training_notes = []
     if train_log and not val_curve:
         training_notes.append(
-            f"{model_dir / 'train_log.jsonl'} has no heldout_loss lines: no validation-loss curve."
+            f"{model_dir / 'train_log.jsonl'} has no val_loss lines: no validation-loss curve."
         )
     if not grids:
         training_notes.append(
@@ -490,24 +654,15 @@ def evaluate(
     metrics = {
         "feature_extractor": identity,
         "pixel_source": pixel_source,
+        **fine_tuned,
         "counts": {
-            "generated": len(manifest),
-            "prompts": int(manifest["prompt"].nunique()),
+            **fine_tuned["counts"],
             "real_test_available": len(test_entries),
-            "real_test_used": len(real_used),
-            "generated_used": len(matched.generated),
             "train": len(train_entries),
         },
-        "compared": comparison,
-        "fid_kid": fid,
-        "ms_ssim_diversity": diversity,
-        "intensity": intensity,
-        "subgroups": {
-            "min_group_size": int(settings["min_group_size"]),
-            "feature_extractor": identity,
-            "groups": subgroups,
-        },
-        "memorization": {**memo_metrics, "flagged": flagged},
+        "base_model": scores.get("base"),
+        "real_floor": floor,
+        "adherence": adherence,
         "heldout_loss": heldout_losses(train_summary),
         "validation": {"heldout_loss": val_curve, "grids": [int(step) for step, _ in grids]},
         "train_summary": train_summary,
@@ -546,15 +701,28 @@ def evaluate(
             "validation_grids": [(step, path.read_bytes()) for step, path in grids],
             "notes": training_notes,
         },
-        "samples": sample_figures(manifest, samples_dir, test_by_caption, settings, figures_dir),
+        "samples": sample_figures(
+            models["fine_tuned"], models.get("base"), test_by_caption, settings, figures_dir
+        ),
         "metrics": metrics,
+        "adherence": {
+            **(metrics["adherence"] or {}),
+            "figure": _save(figures_dir, "adherence_confusion.png", R.confusion_png(adherence)),
+        },
         "intensity": {
-            **intensity,
-            "figure": _save(figures_dir, "intensity_histograms.png", R.histograms_png(intensity)),
+            **metrics["intensity"],
+            "figure": _save(
+                figures_dir, "intensity_histograms.png", R.histograms_png(metrics["intensity"])
+            ),
         },
         "subgroups": metrics["subgroups"],
         "memorization": memorization_context(
-            memo_metrics, flagged, shown, samples_dir, dataset_dir / "train", figures_dir
+            {k: v for k, v in memo.items() if k not in ("flagged", "shown")},
+            memo["flagged"],
+            memo["shown"],
+            samples_dir,
+            dataset_dir / "train",
+            figures_dir,
         ),
         "provenance": {
             "config": config,
@@ -590,39 +758,27 @@ def headline_metrics(real: torch.Tensor, fake: torch.Tensor, settings: dict) -> 
 
 
 def _memorization(
-    settings: dict,
-    generated: ImageSet,
-    manifest: pd.DataFrame,
-    dataset_dir: Path,
-    test_entries: list[dict],
-    train_entries: list[dict],
-    notes: list[str],
+    settings: dict, samples: ModelSamples, real_sets: RealSets, notes: list[str]
 ) -> tuple[dict[str, Any], list[dict], list[dict]]:
     """Audit summary, every flagged sample, and the samples to show as figures.
 
-    The null is the test images (a seeded subset of at most ``max_real_images``); a note
-    replaces the audit when there is no train split.
+    The null is the held-out test images of ``real_sets``; a note replaces the audit when
+    there is no train split.
     """
-    if not train_entries:
-        message = f"{dataset_dir / 'train' / 'metadata.jsonl'}: no training images; not audited."
+    if real_sets.train is None or real_sets.heldout is None:
+        train_list = real_sets.dataset_dir / "train" / "metadata.jsonl"
+        message = f"{train_list}: no training images; not audited."
         notes.append(message)
         return {"note": message, "fraction_flagged": None}, [], []
-    train = ImageSet([dataset_dir / "train" / e["file_name"] for e in train_entries], False, True)
-    train.read()
-    null_entries = choose_real(
-        test_entries, int(settings["max_real_images"]), int(settings["seed"])
-    )
-    heldout = ImageSet([dataset_dir / "test" / e["file_name"] for e in null_entries], False, True)
-    heldout.read()
     table, summary = MEMO.audit(
-        generated.small_tensor(),
-        heldout.small_tensor(),
-        train.small_tensor(),
+        samples.images.small_tensor(),
+        real_sets.heldout.small_tensor(),
+        real_sets.train[0].small_tensor(),
         quantile=float(settings["memorization_quantile"]),
         max_shift=int(settings["memorization_max_shift"]),
     )
-    train_files = [e["file_name"] for e in train_entries]
-    sample_files = [str(f) for f in manifest["file_name"]]
+    train_files = [e["file_name"] for e in real_sets.train_entries]
+    sample_files = [str(f) for f in samples.manifest["file_name"]]
 
     def records(rows: pd.DataFrame) -> list[dict]:
         return [

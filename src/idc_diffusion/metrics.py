@@ -297,6 +297,13 @@ def normal_quantile(level: float) -> float:
     return NormalDist().inv_cdf(0.5 + level / 2.0)
 
 
+def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Equal-tailed percentile interval of bootstrap replicates."""
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(values, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
 def kid_interval(real: Tensor, fake: Tensor, level: float = 0.95) -> dict[str, Any]:
     """KID over all images (unbiased MMD², polynomial kernel) with its jackknife interval.
 

