@@ -73,6 +73,7 @@ def downloaded(work: Path, cohort: pd.DataFrame) -> int:
 
 def run() -> dict:
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["train"]["base_model"] = "tiny"  # the DAG alone: no hub request at start-up
     config["cohort"]["strata"] = [{**config["cohort"]["strata"][0], "max_series": 10_000}]
     config["n_shards"] = 64
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,11 +1,11 @@
 """Sampling throughput: the sample stage's batched generation vs a naive one-image loop.
 
 Baseline: what a first script does — ``StableDiffusionPipeline.from_pretrained(folder)``
-(float32, default attention) moved to the device, then one pipeline call per image with its
-own seeded generator. Candidate: :func:`idc_diffusion.sampling.load_pipeline` (SDPA; bf16 on a
+(default attention) moved to the device, then one pipeline call per image with its own
+seeded generator. Candidate: :func:`idc_diffusion.sampling.load_pipeline` (SDPA; bf16 on a
 GPU, float32 on CPU; optional ``torch.compile``) and :func:`generate` on ``batch`` images per
-call. Both use the same model, scheduler (DPM-Solver++), steps, guidance, prompts and seeds,
-each after one warm-up call.
+call. Both use the same dtype (the candidate's), model, scheduler (DPM-Solver++), steps,
+guidance, prompts and seeds, each after one warm-up call: the ratio is batching's, not bf16's.
 
 ``python bench/run.py sample`` measures the tiny model on CPU. On a GPU::
 
@@ -97,13 +97,13 @@ def measure(
     per_prompt = max(1, images // len(PROMPTS))
     jobs = plan_jobs(PROMPTS, per_prompt, base_seed=0)
     n = len(jobs)
+    pipe = load_pipeline(model, device=device, compile_unet=compile_unet)
+    set_scheduler(pipe, "dpmsolver++")
     naive = StableDiffusionPipeline.from_pretrained(
-        model, safety_checker=None, requires_safety_checker=False
+        model, torch_dtype=pipe.unet.dtype, safety_checker=None, requires_safety_checker=False
     ).to(device)
     naive.set_progress_bar_config(disable=True)
     set_scheduler(naive, "dpmsolver++")
-    pipe = load_pipeline(model, device=device, compile_unet=compile_unet)
-    set_scheduler(pipe, "dpmsolver++")
     naive_loop(naive, jobs[:1], steps, guidance)  # warm-up
     batched(pipe, jobs[:batch], steps, guidance, batch)  # warm-up (and compile)
     naive_times, ours_times = [], []

@@ -100,6 +100,8 @@ def render(results: list[dict]) -> str:
             f"- machine: {json.dumps(r['machine'])}",
             f"- date: {r['date']}",
         ]
+        if r.get("table"):  # a benchmark's own readable table (markdown lines)
+            lines += ["", *r["table"], ""]
         if r.get("details"):
             lines.append(f"- details: `{json.dumps(r['details'], sort_keys=True)}`")
     return "\n".join(lines) + "\n"

@@ -7,12 +7,31 @@ from pathlib import Path
 SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))
 
+from idc_diffusion.base_model import (  # noqa: E402
+    BASE_MODEL_DIR,
+    ModelError,
+    base_settings,
+    check_base_model,
+)
 from idc_diffusion.config import ConfigError, validate_config  # noqa: E402
 
 try:
     validate_config(config)
 except ConfigError as exc:
     raise WorkflowError(f"config rejected before any job ran: {exc}") from None
+
+# The base model must be usable before hours of download and prepare are spent: free for
+# `tiny` and for a snapshot already in results/base_model (offline too), one metadata request
+# for a hub id. Jobs re-reading this file (cluster nodes may have no internet) skip it.
+BASE_MODEL = str(BASE_MODEL_DIR)
+if workflow.is_main_process:
+    try:
+        check_base_model(config["train"], BASE_MODEL_DIR)
+    except ModelError as exc:
+        raise WorkflowError(f"base model rejected before any job ran: {exc}") from None
+
+# Stages that need the internet run where snakemake runs when compute nodes have none.
+workflow.localrules(*config["local_rules"])
 
 SHARDS = list(range(config["n_shards"]))
 
@@ -34,6 +53,12 @@ def section(name):
     because caption templates contain braces that Snakemake would read as wildcards.
     """
     text = shlex.quote(json.dumps(config[name], sort_keys=True))
+    return lambda wildcards: text
+
+
+def base_settings_arg():
+    """A params function giving the train keys that decide the base model, as quoted JSON."""
+    text = shlex.quote(json.dumps(base_settings(config["train"]), sort_keys=True))
     return lambda wildcards: text
 
 

@@ -1,6 +1,7 @@
 rule evaluate:
     input:
         manifest=rules.sample_manifest.output,
+        base_manifest=rules.sample_base_manifest.output,
         train=rules.dataset.output.train,
         test=rules.dataset.output.test,
         rejected=rules.dataset.output.rejected,
@@ -40,6 +41,7 @@ rule evaluate:
     shell:
         "python -m idc_diffusion evaluate --settings {params.settings}"
         " --run-config {params.config} --samples-dir $(dirname {input.manifest})"
+        " --base-samples-dir $(dirname {input.base_manifest})"
         " --dataset-dir $(dirname {input.train}) --model-dir $(dirname {input.model_summary})"
         " --cohort-dir $(dirname {input.cohort_summary})"
         " --out-dir $(dirname {output.metrics}) > {log} 2>&1"

@@ -47,7 +47,10 @@ rule dataset:
 
 rule latents:
     input:
+        # every split train reads: the train images and the held-out ones
         train=rules.dataset.output.train,
+        heldout=getattr(rules.dataset.output, config["train"]["heldout_split"]),
+        base=f"{BASE_MODEL}/manifest.json",  # the base_model rule's folder (train.smk)
     output:
         index="results/latents/index.parquet",
     params:
@@ -60,7 +63,8 @@ rule latents:
     conda:
         "../envs/latents.yaml"
     resources:
-        gpu=1,
+        gpu=config["gpu"],
     shell:
-        "python -m idc_diffusion latents --settings {params.settings}"
-        " --dataset-dir $(dirname {input.train}) --out-dir $(dirname {output.index}) > {log} 2>&1"
+        "python -m idc_diffusion latents --gpus {resources.gpu} --settings {params.settings}"
+        " --dataset-dir $(dirname {input.train}) --base-dir $(dirname {input.base})"
+        " --out-dir $(dirname {output.index}) > {log} 2>&1"

@@ -7,6 +7,10 @@ SAMPLE_CAPTION = (
     if config["sample"]["prompts"] == "grid"
     else "''"
 )
+# sample_base samples the base model itself: no other model, no LoRA on top.
+BASE_SAMPLE_SETTINGS = shlex.quote(
+    json.dumps({**config["sample"], "model": None, "lora_weights": None}, sort_keys=True)
+)
 
 
 rule sample:
@@ -29,12 +33,32 @@ rule sample:
     conda:
         "../envs/sample.yaml"
     resources:
-        gpu=1,
+        gpu=config["gpu"],
     shell:
-        "python -m idc_diffusion sample --settings {params.settings}"
+        "python -m idc_diffusion sample --gpus {resources.gpu} --settings {params.settings}"
         " --shard {wildcards.sample_shard} --model-dir {params.model_dir}"
         " --dataset-dir $(dirname {input.test}) --out-dir {output}"
         " --run-name {params.run_name} --caption {params.caption} > {log} 2>&1"
+
+
+# The same prompts and seeds from the base model: what fine-tuning changed (evaluate compares
+# real, base and fine-tuned images on every metric).
+use rule sample as sample_base with:
+    input:
+        model=rules.base_model.output.model_index,
+        lora=[],
+        test=rules.dataset.output.test,
+    output:
+        directory("results/samples_base/shard-{sample_shard}"),
+    params:
+        settings=lambda wildcards: BASE_SAMPLE_SETTINGS,
+        caption=lambda wildcards: SAMPLE_CAPTION,
+        run_name=shlex.quote(config["run_name"] + "-base"),
+        model_dir=lambda wildcards, input: str(Path(input.model).parent),
+    log:
+        "logs/sample_base/shard-{sample_shard}.log",
+    benchmark:
+        "benchmarks/sample_base/shard-{sample_shard}.tsv"
 
 
 rule sample_manifest:
@@ -50,3 +74,14 @@ rule sample_manifest:
         "../envs/sample.yaml"
     shell:
         "python -m idc_diffusion sample-manifest --shards {input} --out {output} > {log} 2>&1"
+
+
+use rule sample_manifest as sample_base_manifest with:
+    input:
+        expand(rules.sample_base.output, sample_shard=SAMPLE_SHARDS),
+    output:
+        "results/samples_base/manifest.parquet",
+    log:
+        "logs/sample_base_manifest/sample_base_manifest.log",
+    benchmark:
+        "benchmarks/sample_base_manifest/sample_base_manifest.tsv"

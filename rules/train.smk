@@ -1,8 +1,44 @@
 # Checkpoints under results/model/checkpoints/ are not declared as outputs, so Snakemake
 # keeps them when a training job is interrupted and `train.resume: auto` continues there.
-# GPUs come from the resources: `--set-resources train:gpu=4` trains with DDP on 4 GPUs
-# (accelerate launch), `train:nodes=2` on two nodes of a SLURM allocation.
+# GPUs come from the resources (docs/CLUSTER.md): `--set-resources train:gpu=4` trains with
+# DDP on 4 GPUs (accelerate launch); gpu is the job's total, so `train:gpu=8 train:nodes=2`
+# runs 4 per node on two nodes of a SLURM allocation; threads are CPUs per node.
 from idc_diffusion.launch import launch_command  # src/ is on sys.path (common.smk)
+
+
+# The base pipeline, fetched once where the network is: on SLURM a localrule runs on the
+# login node (compute nodes often have no internet). latents and train read only this
+# folder, never the hub; manifest.json records source, resolved commit, license, digests.
+# For `tiny` it is the seeded tiny SD-2 pipeline whose VAE is first fitted on the train split
+# and frozen: the demo's stand-in for SD 2.1's pretrained VAE (src/idc_diffusion/tiny_base.py).
+localrules:
+    base_model,
+
+
+TINY_BASE = config["train"]["base_model"] == "tiny"
+
+
+rule base_model:
+    input:
+        train=rules.dataset.output.train if TINY_BASE else [],
+    output:
+        model_index=f"{BASE_MODEL}/model_index.json",
+        manifest=f"{BASE_MODEL}/manifest.json",
+    params:
+        settings=base_settings_arg(),
+        resolution=config["prepare"]["resolution"],
+        dataset=lambda wildcards, input: (
+            f"--dataset-dir {Path(input.train).parent}" if TINY_BASE else ""
+        ),
+    log:
+        "logs/base_model/base_model.log",
+    benchmark:
+        "benchmarks/base_model/base_model.tsv"
+    conda:
+        "../envs/base_model.yaml"
+    shell:
+        "python -m idc_diffusion base-model --settings {params.settings} {params.dataset}"
+        " --resolution {params.resolution} --out-dir $(dirname {output.manifest}) > {log} 2>&1"
 
 
 rule train:
@@ -11,6 +47,7 @@ rule train:
         heldout=rules.dataset.output.val,
         summary=rules.cohort.output.summary,
         citations=rules.cohort.output.citations,
+        base=rules.base_model.output.manifest,
         # the shared latent cache, when prepare.latent_cache builds one
         latents=rules.latents.output.index if config["prepare"]["latent_cache"] else [],
     output:
@@ -21,8 +58,8 @@ rule train:
     params:
         settings=section("train"),
         run_name=config["run_name"],
-        launch=lambda wildcards, resources: launch_command(
-            int(resources.gpu), int(getattr(resources, "nodes", 1))
+        launch=lambda wildcards, resources, threads: launch_command(
+            int(resources.gpu), int(getattr(resources, "nodes", 1)), threads
         ),
     log:
         "logs/train/train.log",
@@ -30,11 +67,13 @@ rule train:
         "benchmarks/train/train.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 4
+    threads: config["train"]["threads"]
     resources:
-        gpu=1,
+        gpu=config["gpu"],
         nodes=1,
     shell:
-        "{params.launch} train --settings {params.settings} --run-name {params.run_name}"
+        "{params.launch} train --gpus {resources.gpu} --settings {params.settings}"
+        " --run-name {params.run_name}"
         " --dataset-dir $(dirname {input.train}) --cohort-dir $(dirname {input.summary})"
-        " --latent-dir results/latents --out-dir $(dirname {output.model_index}) > {log} 2>&1"
+        " --latent-dir results/latents --base-dir $(dirname {input.base})"
+        " --out-dir $(dirname {output.model_index}) > {log} 2>&1"

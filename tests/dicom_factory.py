@@ -272,3 +272,60 @@ def write_enhanced(
 
 
 ENHANCED_SOP_CLASS = {"CT": "1.2.840.10008.5.1.4.1.1.2.1", "MR": "1.2.840.10008.5.1.4.1.1.4.1"}
+
+
+def replace_bytes(path: Path, old: bytes, new: bytes, pad: bytes = b" ") -> Path:
+    """Overwrite the single occurrence of `old` in a file with `new` padded to its length.
+
+    Writes values no encoder would (a text or NaN DS, a zero spacing) exactly as a faulty
+    writer leaves them in the file.
+    """
+    data = path.read_bytes()
+    if data.count(old) != 1 or len(new) > len(old):
+        raise ValueError(f"{path.name}: {old!r} is not unique or {new!r} is longer")
+    path.write_bytes(data.replace(old, new.ljust(len(old), pad)))
+    return path
+
+
+def rewrite(
+    path: Path,
+    *,
+    remove: Sequence[str] = (),
+    meta: dict | None = None,
+    **values: object,
+) -> Path:
+    """Re-save a file with elements removed, set (`values`) and file meta elements set.
+
+    A transfer syntax pydicom does not know is written as Explicit VR Little Endian, as
+    archives holding private syntaxes do.
+    """
+    from pydicom import dcmread
+
+    ds = dcmread(path)
+    for keyword in remove:
+        delattr(ds, keyword)
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    for keyword, value in (meta or {}).items():
+        setattr(ds.file_meta, keyword, value)
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax.is_transfer_syntax:
+        ds.save_as(path, enforce_file_format=True)
+        return path
+    # pydicom writes no unknown public syntax (e.g. JPEG XL): write a private stand-in
+    stand_in = "9" * len(syntax)
+    ds.file_meta.TransferSyntaxUID = stand_in
+    ds.save_as(path, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    return replace_bytes(path, stand_in.encode(), str(syntax).encode(), pad=b"\0")
+
+
+def write_j2k(path: Path, stored: np.ndarray, modality: str = "CT", **values: object) -> Path:
+    """A single-frame JPEG 2000 lossless file of `stored`, then `values` set on it (e.g. Rows
+    and Columns that disagree with the codestream)."""
+    from pydicom.uid import JPEG2000Lossless
+
+    ds = make_dataset(stored, modality, generate_uid(), generate_uid(), slope=1, intercept=-1024)
+    ds.compress(JPEG2000Lossless)
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    return save(ds, path)

@@ -101,7 +101,8 @@ def write_fake_run(
     rgb_samples: bool = True,
     with_model_files: bool = True,
 ) -> FakeRun:
-    """Dataset (train/test/rejected), samples (2 of them exact train copies), model, cohort."""
+    """Dataset (train/test/rejected), samples (2 of them train copies, one shifted), model,
+    cohort."""
     rng = np.random.default_rng(0)
     dataset = root / "dataset"
     train = [blob_image(rng) for _ in range(n_train)]
@@ -122,11 +123,14 @@ def write_fake_run(
     samples = root / "samples"
     (samples / "shard-0").mkdir(parents=True)
     copied = {0: 3, 5: 17}
+    shifted = {5: (1, -2)}  # row 5 is train 17 moved 1 px down and 2 px left
     rows = []
     for p, prompt in enumerate(CAPTIONS):
         for s in range(samples_per_prompt):
             row = len(rows)
             image = train[copied[row]] if row in copied else blob_image(rng)
+            if row in shifted:
+                image = np.roll(image, shifted[row], axis=(0, 1))
             if rgb_samples:
                 image = np.repeat(image[:, :, None], 3, axis=2)
             name = f"shard-0/p{p:04d}_s{s:06d}.png"
@@ -155,7 +159,7 @@ def write_fake_run(
             {"step": i, "epoch": 0, "loss": 1.0 / (1 + i), "lr": 1e-4, "seconds": i}
             for i in range(1, 41)
         ]
-        log += [{"step": 20, "heldout_loss": 0.18}, {"step": 40, "heldout_loss": 0.16}]
+        log += [{"step": 20, "val_loss": 0.18}, {"step": 40, "val_loss": 0.16}]
         (model / "validation").mkdir()
         for step in (20, 40):
             grid = np.full((16, 32), step * 4, np.uint8)

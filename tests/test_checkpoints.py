@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,15 @@ import torch
 from diffusers import StableDiffusionPipeline
 from train_fixtures import settings, write_dataset
 
-from idc_diffusion.checkpoints import StopSignals, list_checkpoints
+from idc_diffusion.checkpoints import (
+    BUDGET_STOP,
+    StopSignals,
+    TimeBudget,
+    list_checkpoints,
+    parse_squeue_time,
+    slurm_end_time,
+)
+from idc_diffusion.cli import main
 from idc_diffusion.training import NonFiniteLoss, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,3 +99,45 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path: 
     assert f"checkpoint-{step - 1}" in str(error.value)
     assert log_steps(out) == list(range(1, step))
     assert not (out / "model_index.json").exists()
+
+
+def test_time_budget_leaves_room_for_the_step_and_the_checkpoint() -> None:
+    budget = TimeBudget(end=1000.0, floor=100.0)
+    budget.step_took(10.0)
+    assert not budget.spent(889.0) and budget.spent(890.0)  # 890 + 10 + 100 = 1000
+    budget.checkpoint_took(80.0)  # twice the slowest checkpoint, now above the floor
+    assert budget.margin() == 160.0 and budget.spent(830.0) and not budget.spent(829.0)
+    assert not TimeBudget(end=None, floor=100.0).spent(1e12)
+
+
+def test_slurm_end_time_from_the_environment_or_squeue_format() -> None:
+    assert slurm_end_time({"SLURM_JOB_END_TIME": "1790000000"}) == 1790000000.0
+    assert slurm_end_time({}) is None  # not in a SLURM job
+    local = datetime(2026, 11, 30, 14, 5, 0).timestamp()  # squeue prints local time
+    assert parse_squeue_time("2026-11-30T14:05:00\n") == local
+    assert parse_squeue_time("N/A") is None and parse_squeue_time("NONE") is None
+
+
+def test_a_spent_time_budget_checkpoints_exits_and_resume_equals_straight_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = write_dataset(tmp_path / "data", train=8, val=2)
+    (tmp_path / "cohort").mkdir()
+    (tmp_path / "cohort" / "summary.json").write_text(json.dumps({"licenses": {"CC BY 4.0": 1}}))
+    options = settings(max_steps=6, lr_scheduler="cosine", train_batch_size=2,
+                       stop_margin_seconds=0)  # fmt: skip
+    out = tmp_path / "sliced"
+    monkeypatch.setenv("SLURM_JOB_END_TIME", str(int(time.time())))  # the limit is now
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--settings", json.dumps(options), "--run-name", "t",
+              "--dataset-dir", str(data), "--cohort-dir", str(tmp_path / "cohort"),
+              "--out-dir", str(out)])  # fmt: skip
+    assert stop.value.code == 128 + BUDGET_STOP  # a failed job: Snakemake's retry resumes
+    assert [step for step, _, _ in list_checkpoints(out / "checkpoints")] == [1]
+    monkeypatch.delenv("SLURM_JOB_END_TIME")
+    train(options, data, out, PROVENANCE)
+    train(options, data, tmp_path / "straight", PROVENANCE)
+    assert log_steps(out) == list(range(1, 7))
+    want = StableDiffusionPipeline.from_pretrained(tmp_path / "straight").unet.state_dict()
+    got = StableDiffusionPipeline.from_pretrained(out).unet.state_dict()
+    assert all(torch.allclose(want[k], got[k], atol=1e-6) for k in want)

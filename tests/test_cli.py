@@ -46,10 +46,11 @@ def test_settings_without_seed_is_rejected(tmp_path: Path) -> None:
     assert "--seed is required with --settings" in result.stderr
 
 
-def test_latents_encode_the_train_split_once(tmp_path: Path) -> None:
+def test_latents_encode_the_train_and_heldout_splits_once(tmp_path: Path) -> None:
+    import torch
     from train_fixtures import settings, write_dataset
 
-    from idc_diffusion.latent_cache import cache_problem, vae_fingerprint
+    from idc_diffusion.latent_cache import cache_fingerprint, cache_problem
     from idc_diffusion.models import build_tiny_pipeline
     from idc_diffusion.train_data import read_split
 
@@ -60,9 +61,7 @@ def test_latents_encode_the_train_split_once(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     index = pd.read_parquet(tmp_path / "latents" / "index.parquet")
-    assert len(index) == 5 and set(index["split"]) == {"train"}
-    vae = build_tiny_pipeline(seed=settings()["tiny_seed"]).vae
-    assert (
-        cache_problem(tmp_path / "latents", read_split(data, "train"), vae_fingerprint(vae), 64)
-        is None
-    )
+    assert list(index["split"]) == ["train"] * 5 + ["val"] * 2
+    print_ = cache_fingerprint(build_tiny_pipeline(seed=settings()["tiny_seed"]).vae, torch.float32)
+    for split in ("train", "val"):
+        assert cache_problem(tmp_path / "latents", read_split(data, split), print_, 64) is None

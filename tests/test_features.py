@@ -15,9 +15,11 @@ from idc_diffusion.features import (
     INCEPTION_PACKAGE,
     INCEPTION_SHA256,
     TF_INPUT_RANGE,
+    InceptionFeatures,
     RandomConvFeatures,
     TorchScriptFeatures,
     build_extractor,
+    tf_bilinear_resize,
 )
 
 
@@ -86,8 +88,26 @@ def test_torchscript_return_features_flag(tmp_path) -> None:
     assert extractor.num_features == 7
 
 
+def test_random_extractor_must_be_allowed() -> None:
+    with pytest.raises(ValueError, match=r"refused on real pixel data.*allow_random: true"):
+        build_extractor({"kind": "random", "seed": 3})
+    assert build_extractor({"kind": "random", "seed": 3, "allow_random": True}).seed == 3
+    assert build_extractor({"kind": "random"}, synthetic_data=True).is_random
+
+
+def test_tf_bilinear_resize_known_values() -> None:
+    """TF1 resize_bilinear: output i samples input i * n_in / n_out, clamped at the edge."""
+    ramp = torch.tensor([0.0, 10.0, 20.0, 30.0]).repeat(4, 1)[None, None]  # [1, 1, 4, 4]
+    up = tf_bilinear_resize(ramp, 8)
+    assert up[0, 0, 0].tolist() == [0, 5, 10, 15, 20, 25, 30, 30]
+    assert torch.equal(up[0, 0, :, 3], torch.full((8,), 15.0))  # constant down the columns
+    fine = torch.arange(64.0).reshape(1, 1, 8, 8)
+    assert torch.equal(tf_bilinear_resize(fine, 4), fine[..., ::2, ::2])  # no antialiasing
+    assert tf_bilinear_resize(fine, 8) is fine
+    assert torch.equal(InceptionFeatures.resize(fine, 4), fine[..., ::2, ::2])
+
+
 def test_build_extractor_errors(tmp_path) -> None:
-    assert build_extractor({"kind": "random", "seed": 3}).seed == 3
     missing = tmp_path / "nope.pt"
     with pytest.raises(FileNotFoundError, match=r"nope\.pt"):
         build_extractor({"kind": "torchscript", "path": str(missing)})
@@ -142,7 +162,7 @@ inception_wheel = pytest.mark.skipif(
 
 @inception_wheel
 def test_inception_from_wheel_is_the_pinned_fid_network() -> None:
-    extractor = build_extractor({"kind": "inception"})
+    extractor = build_extractor({})  # the default kind
     assert extractor.weights_sha256 == INCEPTION_SHA256
     assert extractor.num_features == 2048 and not extractor.is_random
     assert extractor.input_range == TF_INPUT_RANGE and extractor.input_size == 299

@@ -8,6 +8,7 @@ from idc_diffusion.captions import caption_fields, caption_rng, clip_token_count
 from idc_diffusion.geometry import (
     axis_fractions,
     center_crop,
+    fit_square,
     fov_shape,
     is_localizer,
     pad_or_crop,
@@ -38,6 +39,16 @@ def test_fov_resampling_keeps_mm_scale():
     out = resample_to_fov(image, (2.0, 2.0), 400.0, 100)
     assert out.shape == (100, 100)
     assert int((out > 0).sum()) == 50 * 25 and out[50, 50] == 200 and out[0, 0] == 0
+
+
+def test_fit_square_honours_non_square_pixels():
+    image = np.full((16, 32), 200, np.uint8)  # 16 rows of 1 mm x 32 columns of 0.25 mm
+    tall = fit_square(image, 32, (1.0, 0.25))  # 16 mm x 8 mm: 32 x 16 px, centred
+    assert (tall[:, :8] == 0).all() and (tall[:, 24:] == 0).all() and (tall[:, 8:24] == 200).all()
+    wide = fit_square(image, 32)  # square pixels: 16 x 32 px
+    assert (wide[:8] == 0).all() and (wide[24:] == 0).all() and (wide[8:24] == 200).all()
+    ramp = np.arange(40 * 24, dtype=np.uint8).reshape(40, 24)
+    assert np.array_equal(fit_square(ramp, 32, (0.7, 0.7)), fit_square(ramp, 32))
 
 
 def test_crop_and_pad_are_centred():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
-from train_fixtures import settings, write_dataset
+from train_fixtures import own_precision, settings, write_dataset
 
 from idc_diffusion.models import build_tiny_pipeline
 from idc_diffusion.training import train
@@ -78,3 +78,20 @@ def test_text_encoder_training_uses_its_own_rate(tmp_path: Path) -> None:
     assert max(deltas) < 1e-4  # with ~2 Adam steps of lr 1e-6 (the UNet's is 1e-3)
     log = [json.loads(x) for x in (tmp_path / "model" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]
+
+
+def test_bf16_lora_saves_full_precision_weights(tmp_path: Path) -> None:
+    data = write_dataset(tmp_path / "data", train=4, val=1)
+    options = {"mode": "lora", "lora_rank": 4, "mixed_precision": "bf16", "max_steps": 2}
+    with own_precision():
+        train(settings(**options), data, tmp_path / "model", PROVENANCE)
+    saved = StableDiffusionPipeline.from_pretrained(tmp_path / "model")
+    base = build_tiny_pipeline(seed=settings()["tiny_seed"])
+    for part in ("vae", "text_encoder"):  # frozen, cast to bf16 for training: saved as base
+        want, got = getattr(base, part).state_dict(), getattr(saved, part).state_dict()
+        assert all(torch.equal(want[k], got[k]) for k in want), part
+    want, got = base.unet.state_dict(), saved.unet.state_dict()
+    assert got["conv_in.weight"].dtype == torch.float32
+    assert torch.equal(want["conv_in.weight"], got["conv_in.weight"])  # no bf16 rounding
+    fused = [k for k in want if "to_q.weight" in k]
+    assert fused and all(not torch.equal(want[k], got[k]) for k in fused)  # adapters merged

@@ -1,4 +1,4 @@
-"""FID/KID, MS-SSIM diversity and the memorization audit on images with known relations."""
+"""FID/KID with intervals and MS-SSIM diversity on images and features with known relations."""
 
 from __future__ import annotations
 
@@ -17,18 +17,17 @@ from idc_diffusion.features import (
     RandomConvFeatures,
 )
 from idc_diffusion.metrics import (
-    bootstrap_fid_kid,
+    compare_sets,
     extract_features,
+    fid_interval,
     fid_kid,
     fid_kid_from_features,
     frechet_distance,
-    memorization,
-    memorization_summary,
+    kid_interval,
     mmd2_unbiased,
     ms_ssim_config,
     ms_ssim_diversity,
     polynomial_kernel,
-    top_pairs,
 )
 
 
@@ -114,48 +113,6 @@ def test_ms_ssim_diversity_identical_vs_noise() -> None:
     assert result["scales"] == 4 and result["kernel_size"] == 7
 
 
-def test_memorization_flags_copies_only(extractor) -> None:
-    train = blob_tensor(200, seed=7)
-    unrelated = noise_tensor(3, seed=8)
-    samples = torch.cat([train[[42]], unrelated, train[[150]]])
-    table = memorization(
-        samples,
-        train,
-        extract_features(samples, extractor),
-        extract_features(train, extractor),
-        threshold=0.95,
-        top_k=16,
-        ssim_threshold=0.9,
-    )
-    assert list(table.columns) == [
-        "sample_index",
-        "nearest_train_by_cosine",
-        "cosine",
-        "nearest_train_by_ssim",
-        "ssim",
-        "flagged",
-    ]
-    for row, index in ((0, 42), (4, 150)):
-        assert table.loc[row, "nearest_train_by_cosine"] == index
-        assert table.loc[row, "nearest_train_by_ssim"] == index
-        assert table.loc[row, "cosine"] == pytest.approx(1.0, abs=1e-6)
-        assert table.loc[row, "ssim"] == pytest.approx(1.0, abs=1e-4)
-    assert table["flagged"].tolist() == [True, False, False, False, True]
-    assert (table.loc[1:3, "ssim"] < 0.2).all() and (table.loc[1:3, "cosine"] < 0.95).all()
-    summary = memorization_summary(table, 0.95, 0.9, 16)
-    assert summary["n_flagged"] == 2 and summary["fraction_flagged"] == pytest.approx(0.4)
-    assert set(top_pairs(table, 2)["sample_index"]) == {0, 4}
-
-
-def test_memorization_empty_train(extractor) -> None:
-    samples = blob_tensor(2, seed=9)
-    empty = torch.zeros(0, 1, 64, 64, dtype=torch.uint8)
-    feats = extract_features(samples, extractor)
-    table = memorization(samples, empty, feats, feats[:0], 0.95, 32)
-    assert table.empty
-    assert memorization_summary(table, 0.95, 0.9, 32)["fraction_flagged"] is None
-
-
 @pytest.mark.parametrize("n", [20, 90])  # fewer and more images than feature dimensions (64)
 def test_frechet_distance_matches_torchmetrics(real, extractor, n) -> None:
     feats_real = extract_features(blob_tensor(n, seed=5), extractor)
@@ -173,24 +130,113 @@ def test_metrics_do_not_depend_on_image_order(real, extractor) -> None:
     a = fid_kid_from_features(feats_real, feats_fake, kid_subset_size=20)
     b = fid_kid_from_features(feats_real[p_real], feats_fake[p_fake], kid_subset_size=20)
     assert a == b
-    boot_a = bootstrap_fid_kid(feats_real, feats_fake, n_resamples=20, seed=1)
-    boot_b = bootstrap_fid_kid(feats_real[p_real], feats_fake[p_fake], n_resamples=20, seed=1)
-    assert boot_a == boot_b
+    low_dim_real, low_dim_fake = feats_real[:, :8], feats_fake[:, :8]  # 60 >= 4 x 8: interval
+    one = fid_interval(low_dim_real, low_dim_fake, n_resamples=20, seed=1)
+    other = fid_interval(low_dim_real[p_real], low_dim_fake[p_fake], n_resamples=20, seed=1)
+    assert one == other and one["fid_ci"] is not None
 
 
-def test_bootstrap_intervals_bracket_the_estimate_and_are_seeded(real, extractor) -> None:
-    feats_real = extract_features(real, extractor)
-    feats_fake = extract_features(_noisy(real, 40), extractor)
-    point = fid_kid_from_features(feats_real, feats_fake, kid_subset_size=None)
-    boot = bootstrap_fid_kid(feats_real, feats_fake, n_resamples=60, seed=0)
-    low, high = boot["fid_ci"]
-    assert 0 <= low < high and boot["fid_std"] > 0
-    assert low <= point["fid"] * 1.5 and high >= point["fid"] * 0.5
-    kid_low, kid_high = boot["kid_ci"]
-    assert kid_low < point["kid_mean"] < kid_high
-    assert boot == bootstrap_fid_kid(feats_real, feats_fake, n_resamples=60, seed=0)
-    assert boot != bootstrap_fid_kid(feats_real, feats_fake, n_resamples=60, seed=1)
-    assert bootstrap_fid_kid(feats_real, feats_fake, n_resamples=0) == {"n_resamples": 0}
+def _gaussians(rng: np.random.Generator, n: int, dim: int, shift: float) -> tuple:
+    """Two sets of ``n`` standard normal rows, the second moved by ``shift`` along axis 0."""
+    move = np.zeros(dim)
+    move[0] = shift
+    x = rng.standard_normal((n, dim))
+    return torch.from_numpy(x), torch.from_numpy(rng.standard_normal((n, dim)) + move)
+
+
+def test_kid_interval_covers_zero_for_one_distribution() -> None:
+    """Two sets from one distribution: population KID is 0; the 95% interval covers it in about
+    95% of seeded trials (the jackknife is conservative, so a little more is fine)."""
+    rng = np.random.default_rng(0)
+    trials, covered = 300, 0
+    for _ in range(trials):
+        x, y = _gaussians(rng, 40, 8, 0.0)
+        result = kid_interval(x, y)
+        low, high = result["kid_ci"]
+        assert low < result["kid"] < high
+        covered += low <= 0.0 <= high
+    assert 0.92 <= covered / trials <= 0.995
+
+
+def test_kid_interval_excludes_zero_for_different_distributions() -> None:
+    rng = np.random.default_rng(1)
+    x, y = _gaussians(rng, 60, 8, 1.5)
+    low, _ = kid_interval(x, y)["kid_ci"]
+    assert low > 0
+
+
+def test_kid_jackknife_matches_brute_force_leave_one_out() -> None:
+    rng = np.random.default_rng(2)
+    x, y = _gaussians(rng, 7, 3, 0.5)
+
+    def kid(a: torch.Tensor, b: torch.Tensor) -> float:
+        return mmd2_unbiased(
+            polynomial_kernel(a, a), polynomial_kernel(b, b), polynomial_kernel(a, b)
+        )
+
+    drop_x = np.array([kid(x[np.arange(7) != i], y) for i in range(7)])
+    drop_y = np.array([kid(x, y[np.arange(7) != j]) for j in range(7)])
+    variance = (
+        6 / 7 * ((drop_x - drop_x.mean()) ** 2).sum()
+        + 6 / 7 * ((drop_y - drop_y.mean()) ** 2).sum()
+    )
+    result = kid_interval(x, y)
+    assert result["kid"] == pytest.approx(kid(x, y), rel=1e-12)
+    assert result["kid_se"] == pytest.approx(np.sqrt(variance), rel=1e-9)
+
+
+def test_fid_interval_covers_the_true_fid() -> None:
+    """Known answer: N(0, I) vs N(1.2 e0, I) in 2-d has FID 1.44; the bias-corrected interval
+    covers it in about 95% of seeded trials, and holds its own estimate."""
+    rng = np.random.default_rng(3)
+    trials, covered = 80, 0
+    for t in range(trials):
+        x, y = _gaussians(rng, 64, 2, 1.2)
+        result = fid_interval(x, y, n_resamples=40, seed=t)
+        low, high = result["fid_ci"]
+        assert low <= result["fid_bias_corrected"] <= high
+        covered += low <= 1.44 <= high
+    assert 0.88 <= covered / trials <= 1.0
+
+
+def test_fid_interval_covers_zero_for_one_distribution() -> None:
+    rng = np.random.default_rng(4)
+    trials, covered = 60, 0
+    for t in range(trials):
+        x, y = _gaussians(rng, 64, 2, 0.0)
+        result = fid_interval(x, y, n_resamples=40, seed=t)
+        assert result["fid"] > 0  # the plug-in is biased up
+        covered += result["fid_ci"][0] == 0.0
+    assert covered / trials >= 0.9
+
+
+def test_identical_sets_interval_holds_the_estimate() -> None:
+    """The reviewer's case: samples are exact copies of the real images."""
+    x, _ = _gaussians(np.random.default_rng(5), 64, 2, 0.0)
+    result = compare_sets(x, x.clone(), min_images=10, n_resamples=40)
+    assert result["fid"] == pytest.approx(0.0, abs=1e-9)
+    low, high = result["fid_ci"]
+    assert low <= result["fid_bias_corrected"] <= high and low == 0.0
+    assert result["kid_ci"][0] <= result["kid"] <= result["kid_ci"][1]
+    assert result["precision"] == result["recall"] == 1.0
+
+
+def test_fid_interval_withheld_below_four_images_per_dimension(real, extractor) -> None:
+    feats = extract_features(real, extractor)  # 60 images, 64 features
+    result = fid_interval(feats, extract_features(_noisy(real, 40), extractor), n_resamples=10)
+    assert result["fid"] > 0 and result["fid_ci"] is None and result["fid_bias_corrected"] is None
+    assert "fewer than 256 images per set" in result["fid_interval_note"]
+
+
+def test_compare_sets_withholds_small_sets() -> None:
+    x, y = _gaussians(np.random.default_rng(6), 4, 2, 0.0)
+    result = compare_sets(x, y, min_images=5)
+    assert result == {
+        "n_real": 4,
+        "n_generated": 4,
+        "min_images": 5,
+        "withheld": "fewer than 5 images in a set",
+    }
 
 
 def test_unbiased_mmd_matches_torchmetrics_kid(real, extractor) -> None:

@@ -1,4 +1,4 @@
-"""Attention for training: fp16 runs attention in float32 (no NaN), else SDPA or eager."""
+"""Attention for training: fp16 runs SDPA (no NaN, unlike eager), else SDPA or eager."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-from idc_diffusion.attention import Float32SDPA, configure_attention
+from idc_diffusion.attention import configure_attention
 from idc_diffusion.models import build_tiny_pipeline
 
 
@@ -20,24 +20,24 @@ def overflowing_attention() -> tuple[Attention, torch.Tensor]:
     return attention, torch.randn(1, 16, 32) * 10
 
 
-def test_fp16_upcast_avoids_nan() -> None:
+def test_fp16_sdpa_avoids_nan() -> None:
     attention, x = overflowing_attention()
     attention.set_processor(AttnProcessor2_0())
     reference = attention(x)
     attention.set_processor(AttnProcessor())
     with torch.autocast("cpu", dtype=torch.float16):
         assert not torch.isfinite(attention(x)).all()  # the SD 2.1 fp16 failure
-    attention.set_processor(Float32SDPA())
+    attention.set_processor(AttnProcessor2_0())
     with torch.autocast("cpu", dtype=torch.float16):
-        upcast = attention(x)
-    assert upcast.dtype == torch.float32
-    assert torch.allclose(upcast, reference, atol=1e-4)
+        fused = attention(x)
+    assert fused.dtype == torch.float16  # no float32 detour: the scores accumulate in float32
+    assert torch.allclose(fused.float(), reference, atol=2e-2 * reference.abs().max().item())
 
 
 def test_configure_attention_picks_processors() -> None:
     unet = build_tiny_pipeline(seed=0).unet
-    assert "float32" in configure_attention(unet, "sdpa", "fp16")
-    assert all(isinstance(p, Float32SDPA) for p in unet.attn_processors.values())
+    assert configure_attention(unet, "eager", "fp16").startswith("sdpa")
+    assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
     assert configure_attention(unet, "eager", "bf16") == "eager"
     assert all(type(p) is AttnProcessor for p in unet.attn_processors.values())
     assert configure_attention(unet, "sdpa", "no") == "sdpa"

@@ -49,6 +49,10 @@ window.addEventListener("load", () => {
     citation_links: document.querySelectorAll("#citations a[href^='https://']").length,
     citation_tables: document.querySelectorAll("#citations table").length,
     title: document.title,
+    viewport_width: document.documentElement.clientWidth,
+    scroll_width: document.documentElement.scrollWidth,
+    memorization_columns: [...document.querySelectorAll("#memorization table th")].map((th) => ({
+      text: th.textContent, right: th.getBoundingClientRect().right})),
   });
   document.body.appendChild(probe);
 });
@@ -70,7 +74,13 @@ def chromium(profile: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def report_html(tmp_path_factory) -> Path:
     run = write_fake_run(tmp_path_factory.mktemp("browser"))
-    settings = {"kid_subset_size": 8, "bootstrap": 20, "prdc_k": 3, "min_group_size": 4}
+    settings = {
+        "feature_extractor": {"kind": "random"},
+        "kid_subset_size": 8,
+        "bootstrap": 20,
+        "prdc_k": 3,
+        "min_group_size": 4,
+    }
     run.evaluate(settings, run_name="browser")
     return run.out_dir / "report.html"
 
@@ -82,6 +92,7 @@ def test_every_image_loads_and_every_section_renders(report_html: Path, tmp_path
     probe_page.write_text(text.replace("</body>", PROBE + "\n</body>"), encoding="utf-8")
     dom = chromium(
         tmp_path / "profile-dom",
+        "--window-size=1024,4000",
         "--virtual-time-budget=15000",
         "--dump-dom",
         probe_page.as_uri(),
@@ -96,6 +107,10 @@ def test_every_image_loads_and_every_section_renders(report_html: Path, tmp_path
     assert all(i["height"] > 0 for i in seen["images"])
     assert seen["citation_links"] >= 2 and seen["citation_tables"] == 1
     assert seen["title"].startswith("IDC-Diffusion evaluation")
+    # the memorization table's flagged column is on screen without scrolling sideways
+    flagged = seen["memorization_columns"][0]
+    assert flagged["text"] == "flagged" and flagged["right"] <= seen["viewport_width"]
+    assert seen["scroll_width"] <= seen["viewport_width"]
 
 
 @needs_chromium

@@ -90,8 +90,12 @@ def test_bad_files_are_rejected_by_name_and_the_rest_kept(tmp_path):
     assert set(reasons) == {paths[1].name, paths[2].name, "notes.txt", "small.dcm"}
     assert "truncated" in reasons[paths[1].name] and paths[1].name in reasons[paths[1].name]
     assert "no PixelData" in reasons[paths[2].name]
-    assert "16, 16" in reasons["small.dcm"] and "majority" in reasons["small.dcm"]
-    assert "unreadable" in reasons["notes.txt"]
+    assert (
+        reasons["small.dcm"] == "small.dcm: matrix size 16 x 16 differs from the majority 32 x 32"
+    )
+    assert reasons["notes.txt"] == (
+        "notes.txt: not a DICOM file (no 128-byte preamble and 'DICM' prefix)"
+    )
 
 
 def test_undecodable_pixel_data_rejected_at_load(tmp_path):
@@ -118,8 +122,8 @@ def test_radiographs_ordered_by_instance_number(tmp_path):
     assert vol.volume[:, 0, 0].tolist() == [10, 20, 30]
     assert vol.files == ["b.dcm", "c.dcm", "a.dcm"]
     assert vol.plane is None and np.all(np.isnan(vol.positions_mm))
-    assert (vol.window_center, vol.window_width) == (2048.0, 4096.0)
-    assert vol.photometric == "MONOCHROME1" and vol.header["ViewPosition"] == "PA"
+    assert (vol.headers[0].window_center, vol.headers[0].window_width) == (2048.0, 4096.0)
+    assert vol.headers[0].photometric == "MONOCHROME1" and vol.header["ViewPosition"] == "PA"
 
 
 def test_empty_folder(tmp_path):

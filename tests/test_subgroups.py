@@ -34,6 +34,8 @@ def test_subgroups_scored_only_when_large_enough() -> None:
     assert (ct["n_real"], ct["n_generated"]) == (20, 20) and "skipped" not in ct
     assert ct["fid"] == pytest.approx(frechet_distance(real[:20], fake[:20]))
     assert ct["precision"] > 0.5 and ct["prdc_k"] == 3
+    assert ct["kid_ci"][0] <= ct["kid"] <= ct["kid_ci"][1]  # same distribution: covers 0 too
+    assert ct["fid_ci"][0] <= ct["fid_bias_corrected"] <= ct["fid_ci"][1]  # 20 >= 4 x 4
     mr = by_value[("modality", "MR")]
     assert (mr["n_real"], mr["n_generated"]) == (4, 3) and "fewer than 5" in mr["skipped"]
     assert "fid" not in mr

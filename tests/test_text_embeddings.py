@@ -12,7 +12,7 @@ from train_fixtures import CAPTIONS, settings, write_dataset
 
 from idc_diffusion import training
 from idc_diffusion.models import build_tiny_pipeline
-from idc_diffusion.text_embeddings import TextEmbeddingCache
+from idc_diffusion.text_embeddings import BATCH, TextEmbeddingCache
 from idc_diffusion.train_data import tokenize
 
 
@@ -31,6 +31,21 @@ def test_hidden_states_equal_the_encoders(pipeline: StableDiffusionPipeline) -> 
     assert cache.encoded == len(cache) == 4  # each distinct sequence encoded once
     assert torch.equal(cache(ids.flip(0)), want.flip(0))
     assert cache.encoded == 4
+
+
+def test_new_sequences_are_encoded_together_whatever_their_companions(
+    pipeline: StableDiffusionPipeline,
+) -> None:
+    ids = tokenize(pipeline.tokenizer, CAPTIONS[:3])
+    calls = []
+    hook = pipeline.text_encoder.register_forward_hook(
+        lambda module, args, out: calls.append(args[0].shape)
+    )
+    together = TextEmbeddingCache(pipeline.text_encoder)(ids)
+    hook.remove()
+    assert calls == [(BATCH, ids.shape[1])]  # three misses, one encoder call
+    alone = TextEmbeddingCache(pipeline.text_encoder)(ids[1:2])
+    assert torch.equal(alone[0], together[1])  # bit for bit: resumes see the same tensors
 
 
 def test_least_recently_used_sequences_are_dropped(pipeline: StableDiffusionPipeline) -> None:

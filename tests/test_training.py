@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,14 @@ from idc_diffusion import models, training
 from idc_diffusion.checkpoints import fingerprint, list_checkpoints
 from idc_diffusion.models import SD21_BASE_SCHEDULER, ModelError, build_tiny_pipeline
 from idc_diffusion.train_data import BatchStream, batch_indices, read_split
-from idc_diffusion.training import heldout_loss, prediction_target, train
+from idc_diffusion.training import (
+    enable_tf32,
+    heldout_loss,
+    place_models,
+    prediction_target,
+    train,
+    with_defaults,
+)
 
 PROVENANCE = {
     "cohort_summary": {"idc_version": "v25", "licenses": {"CC BY 4.0": 3}},
@@ -192,3 +200,28 @@ def test_heldout_loss_is_deterministic(data: Path) -> None:
     assert first != pytest.approx(other, rel=1e-5)
     other_unet = build_tiny_pipeline(seed=1).unet
     assert heldout_loss(other_unet, *parts, images, split.captions, seed=3) != first
+
+
+def test_tf32_setup_and_train_mode() -> None:
+    previous = torch.get_float32_matmul_precision()
+    try:
+        enable_tf32()
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    pipeline = build_tiny_pipeline(seed=0)
+    parts = {
+        "vae": pipeline.vae,
+        "unet": pipeline.unet.eval(),
+        "text_encoder": pipeline.text_encoder,
+    }
+    place_models(with_defaults(settings()), parts, torch.device("cpu"), torch.bfloat16)
+    assert pipeline.unet.training and not pipeline.vae.training  # DDP's stride fix: train mode
+    assert pipeline.unet.dtype == torch.float32 and pipeline.vae.dtype == torch.bfloat16
+
+
+def test_process_group_timeout_covers_each_process_share_of_the_encoding() -> None:
+    # 160,000 images over 8 processes at 5 images/s: 4,000 s each, on top of the 30 min
+    assert training.process_group_timeout(160_000, 8) == timedelta(minutes=30, seconds=4000)
+    assert training.process_group_timeout(0, 1) == timedelta(minutes=30)

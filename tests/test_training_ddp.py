@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from train_fixtures import settings, write_dataset
+
+from idc_diffusion.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +42,13 @@ def test_ddp_resume_equals_straight_run(tmp_path: Path) -> None:
     summary = launch(data, tmp_path / "cohort", tmp_path / "straight", 4)
     assert summary["effective_batch_size"] == 4 and summary["hardware"] == "2 x cpu"
     launch(data, tmp_path / "cohort", tmp_path / "resumed", 2)
+    # one process may not continue a two-process run: batch, data order and LR would change
+    options = settings(max_steps=4, train_batch_size=2, checkpointing_steps=2, ema_decay=0.9)
+    with pytest.raises(
+        ValueError, match=r"checkpoint-2 was written by 2 process\(es\); this run has 1"
+    ):
+        train(options, data, tmp_path / "resumed", {"run_name": "ddp"})
+    assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-2" / "checkpoint.json").is_file()
     launch(data, tmp_path / "cohort", tmp_path / "resumed", 4)
     logs = [
         [json.loads(x) for x in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]

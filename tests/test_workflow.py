@@ -40,6 +40,7 @@ def test_dry_run_lists_every_stage_with_one_job_per_shard(tmp_path: Path, demo_r
     demo_raw["sample"]["n_shards"] = 2
     jobs = planned_jobs(tmp_path, write_config(tmp_path / "c.yaml", demo_raw))
     assert jobs == {
+        "base_model": 1,
         "cohort": 1,
         "download": 3,
         "prepare": 3,
@@ -47,6 +48,8 @@ def test_dry_run_lists_every_stage_with_one_job_per_shard(tmp_path: Path, demo_r
         "train": 1,
         "sample": 2,
         "sample_manifest": 1,
+        "sample_base": 2,
+        "sample_base_manifest": 1,
         "evaluate": 1,
         "all": 1,
     }
@@ -163,13 +166,37 @@ def test_imagefolder_view_loads_with_datasets(
 def test_sampling_change_reruns_only_sample_and_evaluate(demo_run: Path, demo_raw: dict) -> None:
     demo_raw["sample"]["guidance_scale"] = 2.5
     jobs = planned_jobs(demo_run, write_config(demo_run / "guidance.yaml", demo_raw))
-    assert set(jobs) == {"sample", "sample_manifest", "evaluate", "all"}
+    assert set(jobs) == {
+        "sample",
+        "sample_manifest",
+        "sample_base",
+        "sample_base_manifest",
+        "evaluate",
+        "all",
+    }
 
 
 def test_training_change_reruns_train_onward(demo_run: Path, demo_raw: dict) -> None:
     demo_raw["train"]["learning_rate"] = 1.0e-4
     jobs = planned_jobs(demo_run, write_config(demo_run / "lr.yaml", demo_raw))
     assert set(jobs) == {"train", "sample", "sample_manifest", "evaluate", "all"}
+
+
+def test_tiny_vae_change_refits_the_base_model_and_what_reads_it(
+    demo_run: Path, demo_raw: dict
+) -> None:
+    demo_raw["train"]["tiny_vae"] = {**demo_raw["train"].get("tiny_vae", {}), "steps": 7}
+    jobs = planned_jobs(demo_run, write_config(demo_run / "vae.yaml", demo_raw))
+    assert set(jobs) == {
+        "base_model",
+        "train",
+        "sample",
+        "sample_manifest",
+        "sample_base",
+        "sample_base_manifest",
+        "evaluate",
+        "all",
+    }
 
 
 def test_demo_trains_samples_and_reports(demo_run: Path) -> None:
@@ -187,10 +214,35 @@ def test_demo_trains_samples_and_reports(demo_run: Path) -> None:
     }
     assert set(manifest["prompt"]) <= test_captions
     metrics = json.loads((results / "eval" / "metrics.json").read_text())
-    assert metrics["feature_extractor"]["is_random"] is True
+    assert metrics["feature_extractor"]["is_random"] is False  # the FID Inception network
     html = (results / "eval" / "report.html").read_text()
     assert f"{summary['heldout_loss_base']:.4g}" in html
     assert f"{summary['heldout_loss_final']:.4g}" in html
+
+
+def test_fine_tuned_beats_its_base_and_the_report_shows_both(demo_run: Path) -> None:
+    results = demo_run / "results"
+    metrics = json.loads((results / "eval" / "metrics.json").read_text())
+    tuned, base = metrics["fid_kid"], metrics["base_model"]["fid_kid"]
+    assert tuned["n_generated"] == base["n_generated"] > 0
+    assert tuned["kid"] < base["kid"]
+    adherence = metrics["adherence"]
+    assert adherence["main_field"] == "modality" and "window" in adherence["fields"]
+    for field in ("modality", "window"):
+        scores = adherence["by_field"][field]
+        assert scores["fine_tuned"]["accuracy"] > scores["base"]["accuracy"], field
+    floor = metrics["real_floor"]
+    assert floor["n_real"] == floor["n_generated"] == tuned["n_real"]
+    html = (results / "eval" / "report.html").read_text()
+    assert 'id="comparison"' in html and 'id="adherence"' in html
+    assert "Rows, top to bottom: base model · fine-tuned · real (test)" in html
+    assert "real test (ceiling)" in html and "Confusion matrices: modality" in html
+    assert (results / "eval" / "figures" / "adherence_confusion.png").is_file()
+    base_manifest = pd.read_parquet(results / "samples_base" / "manifest.parquet")
+    tuned_manifest = pd.read_parquet(results / "samples" / "manifest.parquet")
+    pairs = ["prompt", "seed"]
+    assert base_manifest[pairs].equals(tuned_manifest[pairs])
+    assert set(base_manifest["model_dir"]) == {"results/base_model"}
 
 
 def test_cohort_filter_change_reruns_everything(demo_run: Path, demo_raw: dict) -> None:
@@ -202,9 +254,12 @@ def test_cohort_filter_change_reruns_everything(demo_run: Path, demo_raw: dict) 
         "download": n,
         "prepare": n,
         "dataset": 1,
+        "base_model": 1,
         "train": 1,
         "sample": 1,
         "sample_manifest": 1,
+        "sample_base": 1,
+        "sample_base_manifest": 1,
         "evaluate": 1,
         "all": 1,
     }
@@ -285,6 +340,7 @@ def test_download_setting_reruns_downloads_but_nothing_after(
 
 def test_job_count_grows_with_shards_not_series(tmp_path: Path) -> None:
     real = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    real["train"]["base_model"] = "tiny"  # no hub here; hub ids: tests/test_base_model*.py
     real["n_shards"] = 64
     few = planned_jobs(tmp_path, write_config(tmp_path / "few.yaml", real))
     for stratum in real["cohort"]["strata"]:
@@ -300,3 +356,18 @@ def test_latent_cache_adds_one_job_before_training(tmp_path: Path, demo_raw: dic
     demo_raw["train"]["use_latent_cache"] = True
     jobs = planned_jobs(tmp_path, write_config(tmp_path / "latents.yaml", demo_raw))
     assert jobs["latents"] == 1 and jobs["train"] == 1
+
+
+def test_train_reads_the_cache_the_latents_rule_wrote(tmp_path: Path, demo_raw: dict) -> None:
+    demo_raw["prepare"]["latent_cache"] = True
+    demo_raw["train"].update(use_latent_cache=True, max_steps=4)
+    config = write_config(tmp_path / "latents.yaml", demo_raw)
+    snakemake(tmp_path, "--configfile", str(config), "-c2", "results/model/train_summary.json")
+    index = pd.read_parquet(tmp_path / "results" / "latents" / "index.parquet")
+    assert set(index["split"]) == {"train", "val"}  # every split train reads
+    summary = json.loads((tmp_path / "results" / "model" / "train_summary.json").read_text())
+    assert summary["latent_cache"] == "results/latents"
+    assert not (tmp_path / "results" / "model" / "latent_cache").exists()  # nothing rebuilt
+    assert (
+        "latent cache: results/latents" in (tmp_path / "logs" / "train" / "train.log").read_text()
+    )

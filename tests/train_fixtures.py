@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +79,16 @@ def settings(**overrides) -> dict:
     }
     base.update(overrides)
     return base
+
+
+@contextlib.contextmanager
+def own_precision() -> Iterator[None]:
+    """Within the block train() may pick another mixed precision: accelerate's
+    process-wide state (which refuses a change) is forgotten on entry and on exit."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

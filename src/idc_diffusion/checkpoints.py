@@ -1,9 +1,10 @@
 """Training checkpoints: save (accelerate state + a small JSON), find, prune, fingerprint;
-and the stop signals (SLURM preemption, time limits) that ask for one.
+the stop signals (SLURM preemption) and the time budget (SLURM time limits) that ask for one.
 
 ``out_dir/checkpoints/checkpoint-<step>/`` holds ``accelerator.save_state`` output and
-``checkpoint.json`` (step, settings fingerprint, seconds so far). A checkpoint is complete
-only once its JSON exists: it is written last, after the folder is renamed into place.
+``checkpoint.json`` (step, settings fingerprint, process layout, seconds so far). A
+checkpoint is complete only once its JSON exists: it is written last, after the folder is
+renamed into place.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import signal
+import subprocess
 import threading
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,7 @@ UNFINGERPRINTED = frozenset(
         "dataloader_workers",
         "checkpoints_total_limit",
         "checkpointing_steps",
+        "stop_margin_seconds",
         "validation_steps",
         "validation_prompts",
         "validation_images_per_prompt",
@@ -37,6 +42,8 @@ UNFINGERPRINTED = frozenset(
     }
 )
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# The stop code of a run whose time budget is spent (SIGALRM: "the timer ran out").
+BUDGET_STOP = int(signal.SIGALRM)
 # Schedules whose learning rate at step k does not depend on max_steps.
 STEP_FREE_SCHEDULES = frozenset({"constant", "constant_with_warmup"})
 
@@ -53,6 +60,28 @@ def fingerprint(settings: Mapping[str, Any], extra: Mapping[str, Any] | None = N
     relevant.update(extra or {})
     text = json.dumps(relevant, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def layout_problem(info: Mapping[str, Any], layout: Mapping[str, Any], folder: Path) -> str | None:
+    """Why the checkpoint described by `info` cannot continue on this process `layout`.
+
+    The process count sets the global batch, each process's share of the data order and
+    the LR scheduler's position (accelerate steps it once per process), so a checkpoint
+    resumed on another count would silently become another run. None: it can continue.
+    """
+    saved = info.get("layout")
+    if saved == dict(layout):
+        return None
+    was = (
+        f"{saved.get('processes')} process(es)"
+        if isinstance(saved, Mapping)
+        else "a version that did not record its processes"
+    )
+    return (
+        f"{folder} was written by {was}; this run has {layout['processes']}: resuming would "
+        "change the batch, the data order and the learning-rate position. Resume with the "
+        "same gpu/nodes resources, or set train.resume: never to start over (deletes them)"
+    )
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:
@@ -144,3 +173,59 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+def parse_squeue_time(text: str) -> float | None:
+    """Epoch seconds of a time as ``squeue -o %e`` prints it (local ISO time); None for
+    ``N/A``, ``NONE``, ``Unknown`` and other non-times (no limit known)."""
+    try:
+        return datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
+        return None
+
+
+def slurm_end_time(env: Mapping[str, str] | None = None) -> float | None:
+    """When the running SLURM job reaches its time limit (epoch seconds); None outside
+    SLURM or without a limit. ``SLURM_JOB_END_TIME`` where SLURM sets it (23.02 on), else
+    ``squeue -h -j $SLURM_JOB_ID -o %e``."""
+    env = os.environ if env is None else env
+    if env.get("SLURM_JOB_END_TIME", "").isdigit():
+        return float(env["SLURM_JOB_END_TIME"])
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    try:
+        done = subprocess.run(
+            ["squeue", "-h", "-j", job, "-o", "%e"],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("SLURM job %s: end time unknown (%s); no time budget", job, exc)
+        return None
+    return parse_squeue_time(done.stdout)
+
+
+class TimeBudget:
+    """Whether a job that ends at `end` (epoch seconds; None: never) can afford one more
+    step and still write its checkpoint in time.
+
+    It stops when now + the slowest step so far + the margin passes the end; the margin is
+    twice the slowest checkpoint write so far, and at least `floor` seconds (the first
+    checkpoint's estimate, and slack for the process to exit).
+    """
+
+    def __init__(self, end: float | None, floor: float) -> None:
+        self.end, self.floor = end, floor
+        self.slowest_step = self.slowest_checkpoint = 0.0
+
+    def margin(self) -> float:
+        return max(self.floor, 2.0 * self.slowest_checkpoint)
+
+    def step_took(self, seconds: float) -> None:
+        self.slowest_step = max(self.slowest_step, seconds)
+
+    def checkpoint_took(self, seconds: float) -> None:
+        self.slowest_checkpoint = max(self.slowest_checkpoint, seconds)
+
+    def spent(self, now: float) -> bool:
+        return self.end is not None and now + self.slowest_step + self.margin() >= self.end

@@ -24,6 +24,7 @@ from idc_diffusion.config import ConfigError, load_config
 from idc_diffusion.owner import FolderBusy, owned
 
 log = logging.getLogger("idc_diffusion")
+BASE_DIR_HELP = "the base_model stage's folder (what rules pass); default: train.base_model"
 
 
 @functools.cache
@@ -124,22 +125,47 @@ def cmd_dataset(args: argparse.Namespace) -> None:
     )
 
 
-def cmd_latents(args: argparse.Namespace) -> None:
-    from idc_diffusion.latent_cache import write_latent_cache
-    from idc_diffusion.models import load_base_pipeline
-    from idc_diffusion.train_data import image_resolution, read_split
+def cmd_base_model(args: argparse.Namespace) -> None:
+    from idc_diffusion.base_model import base_settings, fetch_base_model, pin_snippet
 
-    settings = _settings(args, "train")
-    split = read_split(Path(args.dataset_dir), "train")
-    if not len(split):
-        raise ValueError(f"{split.metadata}: no training images to encode")
-    pipeline = load_base_pipeline(
-        settings["base_model"], settings["revision"], settings["tiny_seed"], image_resolution(split)
+    settings = base_settings(_settings(args, "train"))
+    resolution = args.resolution
+    if resolution is None:  # the tiny model's size: the prepared images'
+        resolution = _config_file(args.config)["prepare"]["resolution"] if args.config else 64
+    dataset_dir = Path(args.dataset_dir) if args.dataset_dir else None
+    manifest = fetch_base_model(settings, Path(args.out_dir), resolution, dataset_dir)
+    log.info(
+        "base model %s (revision %s, %d files) in %s; to pin exactly these weights:\n%s",
+        manifest["source"], manifest["revision"], len(manifest["files"]), args.out_dir,
+        pin_snippet(manifest),
+    )  # fmt: skip
+
+
+def cmd_latents(args: argparse.Namespace) -> None:
+    require_cuda(args.gpus)
+    import torch
+
+    from idc_diffusion.latent_cache import cache_fingerprint, write_latent_cache
+    from idc_diffusion.models import load_base_pipeline
+    from idc_diffusion.training import WEIGHT_DTYPES, load_splits, with_defaults
+
+    settings = with_defaults(_settings(args, "train"))
+    train_split, heldout, resolution = load_splits(settings, Path(args.dataset_dir))
+    spec = args.base_dir or settings["base_model"]
+    pipeline = load_base_pipeline(spec, settings["revision"], settings["tiny_seed"], resolution)
+    # the dtype training encodes in, so that train accepts the cache
+    dtype = WEIGHT_DTYPES.get(settings["mixed_precision"], torch.float32)
+    print_ = cache_fingerprint(pipeline.vae, dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    vae = pipeline.vae.requires_grad_(False).eval().to(device, dtype)
+    log.info("encoding %d + %d images on %s in %s", len(train_split), len(heldout), device, dtype)
+    write_latent_cache(
+        Path(args.out_dir), vae, [train_split, heldout], print_, batch_size=args.batch_size
     )
-    write_latent_cache(Path(args.out_dir), pipeline.vae, [split])
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    require_cuda(args.gpus)
     from idc_diffusion.training import TrainingInterrupted, train
 
     cohort_dir = Path(args.cohort_dir)
@@ -153,6 +179,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         rows = pd.read_parquet(cohort_table, columns=["collection_id", "split"])
         counts = rows[rows["split"] == "train"]["collection_id"].value_counts()
         provenance["collections"] = {str(k): int(v) for k, v in counts.items()}
+    base_dir = Path(args.base_dir) if args.base_dir else None
+    if base_dir is not None:  # the base_model stage's folder: its manifest is provenance
+        from idc_diffusion.base_model import read_manifest
+
+        provenance["base_model"] = read_manifest(base_dir)
     latent_dir = Path(args.latent_dir) if args.latent_dir else None
     try:
         with _writer(Path(args.out_dir)):
@@ -162,6 +193,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                 Path(args.out_dir),
                 provenance,
                 latent_dir=latent_dir,
+                base_dir=base_dir,
             )
     except TrainingInterrupted as stop:  # checkpoint written: exit like the signal would
         print(f"train: {stop}; rerun to resume", file=sys.stderr)
@@ -169,6 +201,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
+    require_cuda(args.gpus)
     from idc_diffusion.sampling import sample_shard
 
     settings = _settings(args, "sample")
@@ -209,6 +242,23 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         cohort_dir=Path(args.cohort_dir),
         out_dir=Path(args.out_dir),
         config=run_config,
+        base_samples_dir=Path(args.base_samples_dir) if args.base_samples_dir else None,
+    )
+
+
+def require_cuda(gpus: int) -> None:
+    """launch.require_cuda, imported only by the GPU stages (it needs torch)."""
+    from idc_diffusion.launch import require_cuda as check
+
+    check(gpus)
+
+
+def _add_gpus(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=0,
+        help="GPUs the job was given (the rule's gpu resource); > 0 without CUDA is an error",
     )
 
 
@@ -261,14 +311,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="results/dataset")
     p.set_defaults(func=cmd_dataset)
 
-    p = sub.add_parser("latents", help="encode the train split once with the base VAE")
+    p = sub.add_parser(
+        "base-model", help="fetch (hub id), copy (folder) or build (tiny) the base pipeline"
+    )
     _add_settings(p)
+    p.add_argument("--out-dir", default="results/base_model")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        help="tiny model: image side (default: --config's prepare.resolution, else 64)",
+    )
+    p.add_argument("--dataset-dir", help="tiny model: the dataset whose train split fits its VAE")
+    p.set_defaults(func=cmd_base_model)
+
+    p = sub.add_parser(
+        "latents", help="encode the train and held-out splits once with the base VAE"
+    )
+    _add_settings(p)
+    p.add_argument("--base-dir", help=BASE_DIR_HELP)
+    p.add_argument("--batch-size", type=int, default=32, help="images per VAE forward pass")
     p.add_argument("--dataset-dir", default="results/dataset")
     p.add_argument("--out-dir", default="results/latents")
+    _add_gpus(p)
     p.set_defaults(func=cmd_latents)
 
     p = sub.add_parser("train", help="fine-tune the UNet of a Stable Diffusion 2.x pipeline")
     _add_settings(p)
+    p.add_argument("--base-dir", help=BASE_DIR_HELP)
     p.add_argument("--run-name", help="overrides the config's run_name")
     p.add_argument("--dataset-dir", default="results/dataset")
     p.add_argument("--cohort-dir", default="results/cohort")
@@ -278,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="results/latents",
         help="shared latent cache tried first when train.use_latent_cache is on",
     )
+    _add_gpus(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate one sample shard's images")
@@ -288,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True, help="results/samples/shard-K")
     p.add_argument("--run-name", help="names the synthetic DICOM patient (default: config's)")
     p.add_argument("--caption", help="prepare.caption as JSON (for prompts: grid)")
+    _add_gpus(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("sample-manifest", help="merge sample shards into manifest.parquet")
@@ -299,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(p)
     p.add_argument("--run-config", default="{}", help="the whole config as JSON (provenance)")
     p.add_argument("--samples-dir", default="results/samples")
+    p.add_argument(
+        "--base-samples-dir",
+        help="the base model's samples of the same prompts (results/samples_base); compared",
+    )
     p.add_argument("--dataset-dir", default="results/dataset")
     p.add_argument("--model-dir", default="results/model")
     p.add_argument("--cohort-dir", default="results/cohort")

@@ -69,6 +69,12 @@ def _shard_entries(shard_dir: Path) -> list[tuple[str, str, Path, dict]]:
         split = str(record["split"])
         if split not in SPLITS:
             raise ValueError(f"{shard_dir}: record {record['file_name']} has split {split!r}")
+        text = record.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(
+                f"{shard_dir}: record {record['file_name']} has an empty caption; "
+                "rerun prepare for this shard"
+            )
         local = f"{shard_dir.name}_{Path(record['file_name']).name}"
         entries.append((split, local, shard_dir / record["file_name"], record))
     return entries

@@ -31,8 +31,8 @@ class EMA:
     @torch.no_grad()
     def update(self) -> None:
         d = ema_decay(self.decay, self.updates)
-        for shadow, param in zip(self.shadow, self.parameters, strict=True):
-            shadow.lerp_(param.detach().to(shadow), 1.0 - d)
+        values = [p.detach().to(s) for s, p in zip(self.shadow, self.parameters, strict=True)]
+        torch._foreach_lerp_(self.shadow, values, 1.0 - d)  # one kernel per group of tensors
         self.updates += 1
 
     @torch.no_grad()

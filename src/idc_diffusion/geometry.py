@@ -116,9 +116,12 @@ def resample_to_fov(
     return pad_or_crop(_resize(np.asarray(image, np.uint8), rows, cols), size)
 
 
-def fit_square(image: np.ndarray, size: int) -> np.ndarray:
-    """Fit a uint8 image into size x size keeping aspect ratio (longer side = size), padded."""
+def fit_square(image: np.ndarray, size: int, spacing: Sequence[float] | None = None) -> np.ndarray:
+    """Fit a uint8 image into size x size keeping its physical aspect ratio (longer side =
+    size), padded. `spacing` (row, column mm) makes non-square pixels square; None: square."""
     rows, cols = image.shape[:2]
+    if spacing is not None and float(spacing[0]) != float(spacing[1]):
+        rows = rows * float(spacing[0]) / float(spacing[1])  # in column-pixel units
     scale = size / max(rows, cols)
     new_rows = max(1, min(size, round(rows * scale)))
     new_cols = max(1, min(size, round(cols * scale)))

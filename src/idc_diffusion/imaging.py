@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -10,16 +11,20 @@ from PIL import Image
 from idc_diffusion.geometry import fit_square
 
 
-def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+def resize_square(
+    image: np.ndarray, size: int, spacing: Sequence[float] | None = None
+) -> np.ndarray:
     """Fit a uint8 image (greyscale or RGB) into a `size` x `size` square, padding with 0.
 
-    The longer side becomes `size` (Lanczos resampling); the image is centred. An image that
-    already is `size` x `size` is returned unchanged (no resampling).
+    The longer physical side becomes `size` (Lanczos resampling); with `spacing` (row, column
+    PixelSpacing) non-square pixels are stretched to their true aspect ratio, without it
+    pixels are taken as square. The image is centred. A square-pixel image that already is
+    `size` x `size` is returned unchanged (no resampling).
     """
     image = np.asarray(image, dtype=np.uint8)
     if image.ndim != 2 and not (image.ndim == 3 and image.shape[2] == 3):
         raise ValueError(f"expected a 2-D or RGB image, got shape {image.shape}")
-    return fit_square(image, size)
+    return fit_square(image, size, spacing)
 
 
 # zlib level 1: the same pixels as PIL's default level 6, files ~13% larger, and about 2×

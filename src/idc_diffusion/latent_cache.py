@@ -8,16 +8,18 @@ Format (a folder, e.g. ``results/latents/``)::
 ``mean``/``std`` are the VAE posterior's moments (before the VAE scaling factor); a training
 latent is ``(mean + std * eps) * scaling_factor`` with fresh ``eps`` each step, exactly what
 encoding the image would give. Each shard's safetensors metadata records ``format``, the
-VAE fingerprint (:func:`vae_fingerprint`) and ``resolution``; a cache made with another VAE,
-or for other files or captions, is rejected (:func:`cache_problem`). ``file_name`` is as in
-the split's ``metadata.jsonl`` (relative to the split folder).
+fingerprint it was written under (:func:`cache_fingerprint`: the VAE and the encoding
+dtype) and ``resolution``; a cache made with another VAE or dtype, or for other files or
+captions, is rejected (:func:`cache_problem`). ``file_name`` is as in the split's
+``metadata.jsonl`` (relative to the split folder).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+import shutil
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -50,6 +52,16 @@ def vae_fingerprint(vae: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def cache_fingerprint(vae: torch.nn.Module, dtype: torch.dtype) -> str:
+    """What a cache is written and checked under: the VAE (:func:`vae_fingerprint` of its
+    float32 weights, taken before any cast) and the dtype it encodes in.
+
+    Training encodes in its mixed-precision dtype, so a cache written under bf16 is
+    accepted by a bf16 run (and its resumes) and rejected by an fp32 one.
+    """
+    return f"{vae_fingerprint(vae)}-{str(dtype).removeprefix('torch.')}"
+
+
 @torch.no_grad()
 def encode_moments(
     vae: torch.nn.Module, images: torch.Tensor, batch_size: int = 16
@@ -58,56 +70,75 @@ def encode_moments(
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
     means, stds = [], []
     for start in range(0, len(images), batch_size):
-        dist = vae.encode(images[start : start + batch_size].to(device, dtype)).latent_dist
+        batch = images[start : start + batch_size].to(device, dtype, non_blocking=True)
+        dist = vae.encode(batch).latent_dist
         means.append(dist.mean.float().cpu())
         stds.append(dist.std.float().cpu())
     return torch.cat(means), torch.cat(stds)
+
+
+def plan_shards(splits: Sequence[Split], shard_size: int) -> list[tuple[Split, int]]:
+    """(split, first image) of each cache shard, in shard order: a shard never spans splits."""
+    return [(s, start) for s in splits for start in range(0, len(s), shard_size)]
+
+
+def _no_wait() -> None:
+    """The barrier of a single process."""
 
 
 def write_latent_cache(
     root: Path,
     vae: torch.nn.Module,
     splits: Sequence[Split],
+    print_: str | None = None,
     shard_size: int = 1024,
     batch_size: int = 16,
     dtype: torch.dtype = torch.float32,
+    process_index: int = 0,
+    num_processes: int = 1,
+    wait: Callable[[], None] = _no_wait,
 ) -> Path:
     """Encode every image of `splits` and write the cache folder; returns the index path.
 
-    Written into a temporary sibling folder and renamed into place, so a crash never
+    `print_` is the fingerprint recorded (default: :func:`cache_fingerprint` of `vae` in
+    its own dtype; pass the one taken before casting it). Several processes share the work:
+    process i encodes shards i, i + n, ..., `wait` being their barrier; process 0 writes the
+    index. Written into a temporary sibling folder and renamed into place, so a crash never
     leaves a half cache that looks complete.
     """
     root = Path(root)
     partial = root.with_name(root.name + ".partial")
-    if partial.exists():
-        for old in partial.iterdir():
-            old.unlink()
-    partial.mkdir(parents=True, exist_ok=True)
-    print_ = vae_fingerprint(vae)
+    if process_index == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    wait()
+    print_ = print_ or cache_fingerprint(vae, next(vae.parameters()).dtype)
     rows: list[dict] = []
-    shard = 0
-    for split in splits:
-        for start in range(0, len(split), shard_size):
-            paths = split.paths[start : start + shard_size]
-            images = load_images(paths)
+    for shard, (split, start) in enumerate(plan_shards(splits, shard_size)):
+        paths = split.paths[start : start + shard_size]
+        captions = split.captions[start : start + shard_size]
+        rows += [
+            {"file_name": path.name, "text": text, "split": split.name, "shard": shard, "row": row}
+            for row, (path, text) in enumerate(zip(paths, captions, strict=True))
+        ]
+        if shard % num_processes != process_index:
+            continue
+        means, stds = [], []
+        for i in range(0, len(paths), batch_size):  # a batch at a time: 1024 images are GBs
+            images = load_images(paths[i : i + batch_size])
             mean, std = encode_moments(vae, images, batch_size)
-            meta = {"format": FORMAT, "vae": print_, "resolution": str(images.shape[-1])}
-            tensors = {"mean": mean.to(dtype).contiguous(), "std": std.to(dtype).contiguous()}
-            save_file(tensors, str(shard_path(partial, shard)), metadata=meta)
-            for row, (path, text) in enumerate(
-                zip(paths, split.captions[start : start + shard_size], strict=True)
-            ):
-                rows.append(
-                    {"file_name": path.name, "text": text, "split": split.name,
-                     "shard": shard, "row": row}
-                )  # fmt: skip
-            shard += 1
-    pd.DataFrame(rows, columns=COLUMNS).to_parquet(partial / INDEX, index=False)
-    if root.exists():
-        for old in root.iterdir():
-            old.unlink()
-        root.rmdir()
-    partial.rename(root)
+            means.append(mean)
+            stds.append(std)
+        mean, std = torch.cat(means), torch.cat(stds)
+        meta = {"format": FORMAT, "vae": print_, "resolution": str(images.shape[-1])}
+        tensors = {"mean": mean.to(dtype).contiguous(), "std": std.to(dtype).contiguous()}
+        save_file(tensors, str(shard_path(partial, shard)), metadata=meta)
+    wait()
+    if process_index == 0:
+        pd.DataFrame(rows, columns=COLUMNS).to_parquet(partial / INDEX, index=False)
+        shutil.rmtree(root, ignore_errors=True)
+        partial.rename(root)
+    wait()
     return root / INDEX
 
 
@@ -141,7 +172,7 @@ def cache_problem(root: Path, split: Split, vae_print: str, resolution: int) -> 
         if meta.get("format") != FORMAT:
             return f"{shard_path(root, int(shard))}: format {meta.get('format')!r}, want {FORMAT}"
         if meta.get("vae") != vae_print:
-            return f"{shard_path(root, int(shard))}: made with another VAE"
+            return f"{shard_path(root, int(shard))}: made with another VAE or encoding dtype"
         if meta.get("resolution") != str(resolution):
             return f"{shard_path(root, int(shard))}: {meta.get('resolution')} px, want {resolution}"
     return None

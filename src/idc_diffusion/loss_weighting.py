@@ -15,7 +15,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio ᾱ_t / (1 - ᾱ_t) of each timestep (float32)."""
-    alpha = alphas_cumprod.to(torch.float32)[timesteps.cpu()].to(timesteps.device)
+    alpha = alphas_cumprod.to(timesteps.device, torch.float32)[timesteps]  # no host round trip
     return alpha / (1.0 - alpha)
 
 

@@ -1,9 +1,11 @@
-"""Evaluation metrics: FID/KID, MS-SSIM diversity, and a memorization audit.
+"""Evaluation metrics: FID/KID with valid intervals, PRDC, and MS-SSIM diversity.
 
 FID and KID are torchmetrics' ``FrechetInceptionDistance`` and ``KernelInceptionDistance``
 (no torch-fidelity needed with a custom ``nn.Module``). Features are extracted once per
 image in batches (:func:`extract_features`) and fed to both metrics through a pass-through
-module, so the extractor runs once and the same features serve the memorization audit.
+module, so the extractor runs once. :func:`compare_sets` gives FID, KID and PRDC of any two
+feature sets with intervals that hold what they claim (:func:`kid_interval`,
+:func:`fid_interval`) and n beside every number.
 """
 
 from __future__ import annotations
@@ -11,12 +13,11 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Iterator
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.functional.image import (
     multiscale_structural_similarity_index_measure,
@@ -26,6 +27,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from idc_diffusion.features import FeatureExtractor
+from idc_diffusion.prdc import prdc
 
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 Images = Tensor | Iterable[Tensor]
@@ -83,6 +85,39 @@ class _Precomputed(nn.Module):
         return features
 
 
+def subset_kid(
+    real_feats: Tensor,
+    fake_feats: Tensor,
+    kid_subset_size: int | None = 50,
+    kid_subsets: int = 100,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """KID as torchmetrics / torch-fidelity define it: mean and std over random subsets.
+
+    The subset size is ``min(kid_subset_size, n_real, n_fake)`` (all images when None); the
+    subsets are drawn under ``seed`` so the numbers are reproducible.
+    """
+    n_real, n_fake = len(real_feats), len(fake_feats)
+    dim = int(real_feats.shape[1])
+    subset = min(kid_subset_size or max(n_real, n_fake), n_real, n_fake)
+    with warnings.catch_warnings():  # "KID keeps all features in memory": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(
+            feature=_Precomputed(dim), subsets=kid_subsets, subset_size=subset
+        )
+    kid.update(canonical_order(real_feats).double(), real=True)
+    kid.update(canonical_order(fake_feats).double(), real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    return {
+        "kid_mean": float(kid_mean),
+        "kid_std": float(kid_std),
+        "kid_subset_size": subset,
+        "kid_subsets": kid_subsets,
+    }
+
+
 def fid_kid_from_features(
     real_feats: Tensor,
     fake_feats: Tensor,
@@ -90,37 +125,18 @@ def fid_kid_from_features(
     kid_subsets: int = 100,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """FID and KID (mean, std) between two feature sets, via torchmetrics, in float64.
-
-    KID's subset size is ``min(kid_subset_size, n_real, n_fake)`` (all images when None); its
-    random subsets are drawn under ``seed`` so the numbers are reproducible.
-    """
+    """FID and KID (mean, std; :func:`subset_kid`) of two feature sets, via torchmetrics."""
     n_real, n_fake = len(real_feats), len(fake_feats)
     if n_real < 2 or n_fake < 2:
         raise ValueError(
             f"FID/KID need at least 2 real and 2 generated images ({n_real}, {n_fake})"
         )
-    dim = int(real_feats.shape[1])
-    real_feats, fake_feats = canonical_order(real_feats), canonical_order(fake_feats)
-    subset = min(kid_subset_size or max(n_real, n_fake), n_real, n_fake)
-    fid = FrechetInceptionDistance(feature=_Precomputed(dim))
-    with warnings.catch_warnings():  # "KID keeps all features in memory": intended here
-        warnings.simplefilter("ignore", UserWarning)
-        kid = KernelInceptionDistance(
-            feature=_Precomputed(dim), subsets=kid_subsets, subset_size=subset
-        )
-    for metric in (fid, kid):
-        metric.update(real_feats.double(), real=True)
-        metric.update(fake_feats.double(), real=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        kid_mean, kid_std = kid.compute()
+    fid = FrechetInceptionDistance(feature=_Precomputed(int(real_feats.shape[1])))
+    fid.update(canonical_order(real_feats).double(), real=True)
+    fid.update(canonical_order(fake_feats).double(), real=False)
     return {
         "fid": max(float(fid.compute()), 0.0),
-        "kid_mean": float(kid_mean),
-        "kid_std": float(kid_std),
-        "kid_subset_size": subset,
-        "kid_subsets": kid_subsets,
+        **subset_kid(real_feats, fake_feats, kid_subset_size, kid_subsets, seed),
         "n_real": n_real,
         "n_generated": n_fake,
     }
@@ -233,135 +249,7 @@ def ms_ssim_diversity(images_by_prompt: dict[str, Tensor]) -> dict[str, Any]:
     }
 
 
-def reduce_gray(images: Tensor, size: int) -> Tensor:
-    """uint8 images → float32 grayscale ``[N, 1, size, size]`` in [0, 1] (area/bilinear resize)."""
-    gray = to_gray_float(images)
-    if gray.shape[-2:] != (size, size):
-        gray = F.interpolate(gray, size=(size, size), mode="bilinear", antialias=True)
-    return gray
-
-
-def _unit_rows(x: Tensor) -> Tensor:
-    return F.normalize(x.double().reshape(len(x), -1), dim=1)
-
-
-def _zero_mean_rows(x: Tensor) -> Tensor:
-    flat = x.reshape(len(x), -1).double()
-    return F.normalize(flat - flat.mean(dim=1, keepdim=True), dim=1)
-
-
-MEMO_COLUMNS = {
-    "sample_index": "int64",
-    "nearest_train_by_cosine": "int64",
-    "cosine": "float64",
-    "nearest_train_by_ssim": "int64",
-    "ssim": "float64",
-    "flagged": "bool",
-}
-
-
-def memorization(
-    samples: Tensor,
-    train: Tensor,
-    sample_feats: Tensor,
-    train_feats: Tensor,
-    threshold: float = 0.95,
-    top_k: int = 32,
-    ssim_threshold: float = 0.9,
-    ssim_size: int = 64,
-    chunk: int = 256,
-) -> pd.DataFrame:
-    """Nearest training image of each generated sample, in feature space and in pixel space.
-
-    - by cosine: cosine similarity of ``sample_feats`` to every row of ``train_feats``, both
-      centred on the mean training feature (raw CNN features share a large common component,
-      which pushes the cosine of unrelated images towards 1; centring removes it, and an
-      exact copy still scores 1);
-    - by SSIM: grayscale SSIM at ``ssim_size`` px (kernel 7). To scale to tens of thousands of
-      training images, the ``top_k`` candidates with the highest cosine of 32x32 zero-mean
-      pixels (Pearson correlation) are pre-selected, then exact SSIM picks the nearest of them.
-
-    ``samples``/``train`` are uint8 ``[N, C, H, W]`` (any size; ``train`` may already be
-    reduced). A sample is ``flagged`` when cosine ≥ ``threshold`` or SSIM ≥ ``ssim_threshold``.
-    """
-    if len(train) == 0 or len(samples) == 0:
-        return pd.DataFrame(columns=list(MEMO_COLUMNS)).astype(MEMO_COLUMNS)
-    centre = train_feats.double().mean(dim=0) if len(train_feats) > 1 else 0.0
-    s_unit = _unit_rows(sample_feats.double() - centre)
-    t_unit = _unit_rows(train_feats.double() - centre)
-    t_small = _zero_mean_rows(reduce_gray(train, 32))
-    k = min(top_k, len(train))
-    rows = []
-    for start in range(0, len(samples), chunk):
-        batch = samples[start : start + chunk]
-        cos_best, cos_idx = (s_unit[start : start + chunk] @ t_unit.T).max(dim=1)
-        candidates = (_zero_mean_rows(reduce_gray(batch, 32)) @ t_small.T).topk(k, dim=1).indices
-        ssim_best, ssim_idx = _best_ssim(
-            reduce_gray(batch, ssim_size), train, candidates, ssim_size
-        )
-        for offset in range(len(batch)):
-            cos, ssim = float(cos_best[offset]), float(ssim_best[offset])
-            rows.append(
-                {
-                    "sample_index": start + offset,
-                    "nearest_train_by_cosine": int(cos_idx[offset]),
-                    "cosine": cos,
-                    "nearest_train_by_ssim": int(ssim_idx[offset]),
-                    "ssim": ssim,
-                    "flagged": cos >= threshold or ssim >= ssim_threshold,
-                }
-            )
-    return pd.DataFrame(rows).astype(MEMO_COLUMNS)
-
-
-def _best_ssim(
-    samples_gray: Tensor, train: Tensor, candidates: Tensor, size: int
-) -> tuple[Tensor, Tensor]:
-    """Highest SSIM (and its train index) of each sample among its candidate train images."""
-    n, k = candidates.shape
-    flat = candidates.reshape(-1)
-    unique, inverse = flat.unique(return_inverse=True)
-    cand_gray = reduce_gray(train[unique], size)[inverse]
-    preds = samples_gray.repeat_interleave(k, dim=0)
-    kernel = ms_ssim_config(size, size)["kernel_size"]
-    scores = structural_similarity_index_measure(
-        preds, cand_gray, kernel_size=kernel, data_range=1.0, reduction="none"
-    ).reshape(n, k)
-    best, pos = scores.max(dim=1)
-    return best.double(), candidates.gather(1, pos[:, None]).squeeze(1)
-
-
-def memorization_summary(
-    table: pd.DataFrame, threshold: float, ssim_threshold: float, top_k: int
-) -> dict[str, Any]:
-    """Counts and extremes of a :func:`memorization` table."""
-    n = len(table)
-    flagged = int(table["flagged"].sum()) if n else 0
-
-    def _max(column: str) -> float | None:
-        return float(table[column].max()) if n and not math.isnan(table[column].max()) else None
-
-    return {
-        "n_samples": n,
-        "n_flagged": flagged,
-        "fraction_flagged": flagged / n if n else None,
-        "cosine_threshold": threshold,
-        "ssim_threshold": ssim_threshold,
-        "max_cosine": _max("cosine"),
-        "max_ssim": _max("ssim"),
-        "ssim_candidates": top_k,
-    }
-
-
-def top_pairs(table: pd.DataFrame, n: int) -> pd.DataFrame:
-    """The ``n`` samples most similar to a training image (by max of cosine and SSIM rank)."""
-    if table.empty:
-        return table
-    score = table[["cosine", "ssim"]].max(axis=1)
-    return table.assign(_score=score).nlargest(n, "_score").drop(columns="_score")
-
-
-# ----------------------------------------------------------------------------- bootstrap
+# ----------------------------------------------------------------------------- intervals
 
 
 def _cov_factor(features: Tensor) -> Tensor:
@@ -404,6 +292,11 @@ def mmd2_unbiased(k_xx: Tensor, k_yy: Tensor, k_xy: Tensor) -> float:
     return float(xx + yy - 2.0 * k_xy.mean())
 
 
+def normal_quantile(level: float) -> float:
+    """The two-sided standard normal quantile of ``level`` (1.96 for 0.95)."""
+    return NormalDist().inv_cdf(0.5 + level / 2.0)
+
+
 def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     """Equal-tailed percentile interval of bootstrap replicates."""
     tail = (1.0 - level) / 2.0 * 100.0
@@ -411,36 +304,130 @@ def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float,
     return float(low), float(high)
 
 
-def bootstrap_fid_kid(
+def kid_interval(real: Tensor, fake: Tensor, level: float = 0.95) -> dict[str, Any]:
+    """KID over all images (unbiased MMD², polynomial kernel) with its jackknife interval.
+
+    The estimate is the U-statistic over every real and generated image (not a subset mean),
+    so it is unbiased for the population KID: 0 when both sets come from one distribution,
+    and it may be negative. Its standard error is the two-sample delete-one jackknife
+    (Arvesen 1969), exact and cheap from the kernel matrices' row sums; by the Efron-Stein
+    inequality the jackknife variance is conservative in expectation. The interval is the
+    estimate ± z·SE, so it always holds the estimate.
+    """
+    m, n = len(real), len(fake)
+    if m < 3 or n < 3:
+        raise ValueError(f"KID's interval needs at least 3 real and 3 generated images ({m}, {n})")
+    k_xx, k_yy = polynomial_kernel(real, real), polynomial_kernel(fake, fake)
+    k_xy = polynomial_kernel(real, fake)
+    k_xx.fill_diagonal_(0.0)
+    k_yy.fill_diagonal_(0.0)
+    s_xx, s_yy, s_xy = k_xx.sum(), k_yy.sum(), k_xy.sum()
+    kid = s_xx / (m * (m - 1)) + s_yy / (n * (n - 1)) - 2.0 * s_xy / (m * n)
+    # each image left out in turn: its kernel row drops out of the sums
+    without_real = (
+        (s_xx - 2.0 * k_xx.sum(1)) / ((m - 1) * (m - 2))
+        + s_yy / (n * (n - 1))
+        - 2.0 * (s_xy - k_xy.sum(1)) / ((m - 1) * n)
+    )
+    without_fake = (
+        s_xx / (m * (m - 1))
+        + (s_yy - 2.0 * k_yy.sum(1)) / ((n - 1) * (n - 2))
+        - 2.0 * (s_xy - k_xy.sum(0)) / (m * (n - 1))
+    )
+    variance = (m - 1) / m * float(((without_real - without_real.mean()) ** 2).sum()) + (
+        n - 1
+    ) / n * float(((without_fake - without_fake.mean()) ** 2).sum())
+    se = math.sqrt(variance)
+    z = normal_quantile(level)
+    kid = float(kid)
+    return {"kid": kid, "kid_se": se, "kid_ci": (kid - z * se, kid + z * se)}
+
+
+FID_IMAGES_PER_FEATURE = 4  # FID's bias is linear in 1/n only with this many images per dimension
+
+
+def fid_interval(
     real: Tensor, fake: Tensor, n_resamples: int = 200, seed: int = 0, level: float = 0.95
 ) -> dict[str, Any]:
-    """Percentile bootstrap intervals of FID and KID: both sets resampled with replacement.
+    """FID (plug-in, as published) and a bias-corrected FID with a half-sampling interval.
 
-    Each replicate draws ``len(real)`` real and ``len(fake)`` generated rows with replacement
-    (one seeded numpy generator), then computes :func:`frechet_distance` and the unbiased KID
-    on all drawn rows (kernel matrices computed once, indexed per replicate).
+    The plug-in FID is biased upwards by about ``a/n_real + b/n_generated`` (Chong & Forsyth,
+    "Effectively Unbiased FID", 2020). Half-samples drawn *without* replacement (⌊n/2⌋ rows of
+    each set, ``n_resamples`` seeded draws) have twice that bias, so ``2·FID − mean(FID_half)``
+    removes it, and their spread is the delete-d jackknife variance (Shao & Wu 1989; d = n/2),
+    plus the Monte Carlo error of the mean. Interval: bias-corrected estimate ± z·SE, clipped
+    at 0 together with the estimate (FID ≥ 0), so it always holds the bias-corrected estimate.
+
+    The 1/n bias model holds only when both sets have at least ``FID_IMAGES_PER_FEATURE`` times
+    as many images as feature dimensions; below that (e.g. < 8192 images of 2048 Inception
+    features) no bias correction and no interval are given, and ``fid_interval_note`` says why.
     """
-    if n_resamples < 1:
-        return {"n_resamples": 0}
     real, fake = canonical_order(real).double(), canonical_order(fake).double()
-    rng = np.random.default_rng(seed)
-    k_rr, k_ff, k_rf = (
-        polynomial_kernel(real, real),
-        polynomial_kernel(fake, fake),
-        polynomial_kernel(real, fake),
-    )
-    fids, kids = np.empty(n_resamples), np.empty(n_resamples)
-    for b in range(n_resamples):
-        i = torch.from_numpy(rng.integers(0, len(real), len(real)))
-        j = torch.from_numpy(rng.integers(0, len(fake), len(fake)))
-        fids[b] = frechet_distance(real[i], fake[j])
-        kids[b] = mmd2_unbiased(k_rr[i][:, i], k_ff[j][:, j], k_rf[i][:, j])
-    return {
-        "n_resamples": n_resamples,
+    m, n, dim = len(real), len(fake), int(real.shape[1])
+    result: dict[str, Any] = {
+        "fid": frechet_distance(real, fake),
+        "fid_bias_corrected": None,
+        "fid_se": None,
+        "fid_ci": None,
+        "fid_resamples": n_resamples,
         "seed": seed,
         "level": level,
-        "fid_ci": percentile_interval(fids, level),
-        "fid_std": float(fids.std(ddof=1)) if n_resamples > 1 else None,
-        "kid_ci": percentile_interval(kids, level),
-        "kid_std": float(kids.std(ddof=1)) if n_resamples > 1 else None,
+    }
+    needed = FID_IMAGES_PER_FEATURE * dim
+    if min(m, n) < needed:
+        result["fid_interval_note"] = (
+            f"no interval: FID's bias is not 1/n-linear with fewer than {needed} images per set "
+            f"({FID_IMAGES_PER_FEATURE} x {dim} features; here {m} real, {n} generated); "
+            "compare with the real-vs-real FID at the same n, or use KID's interval"
+        )
+        return result
+    if n_resamples < 2:
+        result["fid_interval_note"] = "no interval: evaluate.bootstrap < 2 resamples"
+        return result
+    rng = np.random.default_rng(seed)
+    half_m, half_n = m // 2, n // 2
+    halves = np.empty(n_resamples)
+    for b in range(n_resamples):
+        i = torch.from_numpy(np.sort(rng.choice(m, half_m, replace=False)))
+        j = torch.from_numpy(np.sort(rng.choice(n, half_n, replace=False)))
+        halves[b] = frechet_distance(real[i], fake[j])
+    kept_over_left = (half_m / (m - half_m) + half_n / (n - half_n)) / 2.0
+    se = math.sqrt(kept_over_left * halves.var(ddof=1) * (1.0 + 1.0 / n_resamples))
+    corrected = 2.0 * result["fid"] - float(halves.mean())
+    z = normal_quantile(level)
+    result.update(
+        fid_bias_corrected=max(corrected, 0.0),
+        fid_se=se,
+        fid_ci=(max(corrected - z * se, 0.0), max(corrected + z * se, 0.0)),
+    )
+    return result
+
+
+def compare_sets(
+    real: Tensor,
+    fake: Tensor,
+    min_images: int,
+    n_resamples: int = 200,
+    seed: int = 0,
+    prdc_k: int = 5,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """FID (plug-in and bias-corrected with interval), KID with interval and PRDC of two sets.
+
+    The one call for any pair of feature sets (generated vs real, real vs real, base model vs
+    real). With fewer than ``min_images`` in either set only the counts and ``withheld`` (the
+    reason) are returned: no point estimate that cannot be trusted.
+    """
+    m, n = len(real), len(fake)
+    counts: dict[str, Any] = {"n_real": m, "n_generated": n, "min_images": min_images}
+    if min(m, n) < max(min_images, 3):
+        return {**counts, "withheld": f"fewer than {max(min_images, 3)} images in a set"}
+    k = min(prdc_k, m - 1, n - 1)
+    scores = prdc(real, fake, k=k)
+    return {
+        **counts,
+        **fid_interval(real, fake, n_resamples, seed, level),
+        **kid_interval(canonical_order(real), canonical_order(fake), level),
+        **{name: scores[name] for name in ("precision", "recall", "density", "coverage")},
+        "prdc_k": k,
     }

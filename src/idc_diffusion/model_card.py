@@ -29,6 +29,45 @@ def weights_license(licenses: Iterable[str]) -> str:
     )
 
 
+def base_model_lines(manifest: Mapping[str, Any] | None) -> list[str]:
+    """The card's "Base model" section: source, revision, license, each file's sha256."""
+    if not manifest:
+        return []
+    fetched = f"; fetched from {manifest['endpoint']}" if manifest.get("endpoint") else ""
+    requested = manifest.get("requested_revision")
+    files = manifest.get("files", {})
+    hub_checked = len(manifest.get("verified_against_hub") or [])
+    pinned = len(manifest.get("pinned_by_config") or [])
+    return [
+        "## Base model",
+        "",
+        f"- Source: `{manifest['source']}` ({manifest.get('kind', 'n/a')}{fetched})",
+        f"- Revision: `{_fmt(manifest.get('revision'))}`"
+        + (f" (requested `{requested}`)" if requested else ""),
+        f"- License of the base weights: {base_license(manifest)}",
+        f"- Files actually used, with the sha256 the `base_model` stage computed; {hub_checked} "
+        f"of {len(files)} matched the digests the hub declares, {pinned} the ones pinned in "
+        "`train.base_model_sha256`:",
+        "",
+        "| file | bytes | sha256 |",
+        "|---|---|---|",
+        *(
+            f"| {name} | {info['size']} | `{info['sha256']}` |"
+            for name, info in sorted(files.items())
+        ),
+        "",
+    ]
+
+
+def base_license(manifest: Mapping[str, Any] | None) -> str:
+    """The base weights' license as the manifest records it, or a warning when unknown."""
+    if manifest and manifest.get("license"):
+        card = manifest.get("card_license")
+        differs = card and card != manifest["license"]
+        return str(manifest["license"]) + (f" (the source's card says {card})" if differs else "")
+    return "unknown (the source's card names none): check it before sharing these weights"
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "n/a"
@@ -52,6 +91,7 @@ def render_model_card(
     if summary.get("train_text_encoder"):
         trained += " and the text encoder" + (" (LoRA)" if mode == "lora" else "")
     frozen = "VAE frozen" if summary.get("train_text_encoder") else "VAE and text encoder frozen"
+    base = provenance.get("base_model")
     lines = [f"# {provenance.get('run_name') or 'IDC-Diffusion'}: fine-tuned Stable Diffusion", ""]
     if sources != ["idc"]:
         lines += [
@@ -77,6 +117,7 @@ def render_model_card(
         ),
         f"- Prediction type: `{summary['prediction_type']}`; resolution {summary['resolution']} px",
         "",
+        *base_model_lines(base),
         "## Data",
         "",
         f"- Training images: {summary['train_images']} (pixel source: `{pixel_source}`)",
@@ -88,6 +129,14 @@ def render_model_card(
         "- Collections: "
         + (", ".join(f"{k} ({v} series)" for k, v in sorted(collections.items())) or "unknown"),
         f"- **License of these weights**: {weights_license(licenses)}",
+        *(
+            [
+                f"- **License of the base model**: {base_license(base)}; its use restrictions "
+                "carry over to this fine-tuned model and its outputs"
+            ]
+            if base
+            else []
+        ),
         f"- Cite: see `{provenance.get('citations_path') or 'results/cohort/CITATIONS.md'}` "
         "(each collection's source DOI, IDC and TCIA)",
         "",

@@ -5,9 +5,11 @@
 * ``"tiny"``: a seeded, randomly initialised Stable Diffusion 2 architecture built entirely
   from configs (:func:`build_tiny_pipeline`): for the offline demo and the tests.
 * an existing folder: a diffusers ``StableDiffusionPipeline`` folder, checked component by
-  component (:func:`check_pipeline_folder`) before anything is loaded.
-* anything else: a Hugging Face hub id (``stabilityai/stable-diffusion-2-1-base``), fetched
-  by diffusers into the hub cache (or read from it with ``HF_HUB_OFFLINE=1``).
+  component (:func:`~idc_diffusion.base_model.check_pipeline_folder`) before anything is
+  loaded. The workflow's jobs always load ``results/base_model/`` this way.
+* anything else: a Hugging Face hub id, read by diffusers through the hub cache (for use by
+  hand and in benchmarks; the workflow fetches hub ids once with the ``base_model`` rule,
+  see :mod:`idc_diffusion.base_model`).
 """
 
 from __future__ import annotations
@@ -28,10 +30,14 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from idc_diffusion.base_model import (
+    TINY,
+    ModelError,
+    check_pipeline_folder,
+    is_local,
+)
 from idc_diffusion.captions import BODY_PART_TEXT, MODALITY_TEXT, SEX_TEXT, VIEW_TEXT
 
-TINY = "tiny"
-DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-2-1-base"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77
 
@@ -57,21 +63,6 @@ _EXTRA_WORDS = (
     "lateral frontal left right male female ct mr mri radiograph mammogram x ray photo"
 )
 EXTRA_WORDS = tuple(_EXTRA_WORDS.split())
-
-# Components a StableDiffusionPipeline folder needs, with the files that must be in each
-# (every alternative is a glob; one match of any alternative per group suffices).
-REQUIRED_COMPONENTS: dict[str, list[tuple[str, ...]]] = {
-    "unet": [("config.json",), ("diffusion_pytorch_model*",)],
-    "vae": [("config.json",), ("diffusion_pytorch_model*",)],
-    "text_encoder": [("config.json",), ("model*.safetensors*", "pytorch_model*", "*.bin")],
-    "tokenizer": [("tokenizer.json", "vocab.json", "tokenizer_config.json")],
-    "scheduler": [("scheduler_config.json",)],
-}
-
-
-class ModelError(ValueError):
-    """A base model spec that cannot be used (missing folder parts, unreachable hub, ...)."""
-
 
 # --------------------------------------------------------------------------- tokenizer
 
@@ -226,49 +217,6 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 64) -> StableDiffusion
 # --------------------------------------------------------------------------- loading
 
 
-def looks_like_path(spec: str) -> bool:
-    """True for specs that can only be a filesystem path (not a hub ``owner/name`` id)."""
-    return spec.startswith(("/", ".", "~", "\\")) or spec.count("/") > 1
-
-
-def check_pipeline_folder(path: str | Path) -> None:
-    """Raise ModelError unless `path` holds a diffusers StableDiffusionPipeline folder.
-
-    Checks ``model_index.json`` and, for unet, vae, text_encoder, tokenizer and scheduler,
-    that the index names the component and its folder holds its config and weights.
-    """
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise ModelError(
-            f"base model folder {str(folder)!r} does not exist; give an existing diffusers "
-            "pipeline folder, a Hugging Face id, or 'tiny'"
-        )
-    index_path = folder / "model_index.json"
-    hint = (
-        "save a complete pipeline there with StableDiffusionPipeline.save_pretrained(), or "
-        f"copy it from the hub cache (e.g. huggingface-cli download {DEFAULT_BASE_MODEL} "
-        "--local-dir FOLDER)"
-    )
-    if not index_path.is_file():
-        raise ModelError(f"{folder}: no model_index.json, so not a diffusers pipeline; {hint}")
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{index_path}: unreadable ({exc}); {hint}") from exc
-    for component, groups in REQUIRED_COMPONENTS.items():
-        entry = index.get(component)
-        if not entry or not isinstance(entry, list) or entry[0] is None:
-            raise ModelError(f"{folder}: model_index.json names no {component!r}; {hint}")
-        sub = folder / component
-        if not sub.is_dir():
-            raise ModelError(f"{folder}: component folder {component!r} is missing; {hint}")
-        for patterns in groups:
-            if not any(next(sub.glob(p), None) for p in patterns):
-                raise ModelError(
-                    f"{folder}: component {component!r} lacks {' or '.join(patterns)}; {hint}"
-                )
-
-
 def load_base_pipeline(
     spec: str, revision: str | None = None, tiny_seed: int = 0, resolution: int = 64
 ) -> StableDiffusionPipeline:
@@ -280,8 +228,8 @@ def load_base_pipeline(
         "feature_extractor": None,
         "requires_safety_checker": False,
     }
-    local = Path(spec).expanduser()
-    if local.is_dir() or looks_like_path(spec):
+    if is_local(spec):
+        local = Path(spec).expanduser()
         check_pipeline_folder(local)
         try:
             return StableDiffusionPipeline.from_pretrained(local, **options)

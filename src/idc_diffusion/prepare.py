@@ -4,32 +4,41 @@ Per series (only those the download report marks ``ok``; series run in a process
 ``workers``, one series per worker at a time, so memory is bounded by the largest series'
 selected slices whatever the shard size):
 
-1. :func:`~idc_diffusion.series.scan_series` reads headers (single- and multi-frame),
-   rejects unusable files/frames and localizers, and sorts the slices along the normal.
+1. :func:`~idc_diffusion.series.scan_series` reads headers (single- and multi-frame) of the
+   files of the row's series, rejects unusable files/frames (each with its reason: other
+   series, duplicate SOPInstanceUIDs, SOP classes that are not the cohort's image storage
+   classes, frames over ``max_frame_pixels``, ...) and localizers, and sorts the slices
+   along the normal.
 2. Slices are chosen by ``slice_selection``: ``band`` (default) takes ``slices_per_series``
    slices at the centres of equal sub-bands of ``slice_band`` (fractions of the sorted
    stack), ``uniform`` the same over the whole stack, ``positions`` the slices nearest to the
    ``slice_positions`` fractions of the stack's extent in mm along the normal. Projection
    radiographs (CR/DX/MG, or any series without geometry) take their images in
-   InstanceNumber order, evenly thinned to ``slices_per_series``.
+   InstanceNumber order, evenly thinned to ``slices_per_series``. A slice that fails to
+   decode is replaced by the nearest usable slice of its sub-band.
 3. Windows: CT uses the presets listed for its BodyPartExamined in ``ct_windows`` (else
    ``default``), one image per window, or one RGB image whose channels are the
    ``ct_composite`` presets. MR is normalised to its volume's ``mr_percentiles`` (window name
    ``percentile``; statistics from up to 32 evenly spaced slices). Radiographs and other
-   modalities use the file's VOI LUT Sequence item (``voi_lut``), else its WindowCenter/Width
-   (``voi``), number ``voi_index`` (the last when there are fewer), else percentiles.
-   MONOCHROME1 images are inverted after windowing so dense tissue is bright.
+   modalities use each file's own VOI LUT Sequence item (``voi_lut``), else its
+   WindowCenter/Width (``voi``), number ``voi_index`` (the last when there are fewer), else
+   the series' percentiles.
+   MONOCHROME1 images (PhotometricInterpretation of each file) are inverted after windowing
+   so dense tissue is bright.
 4. Quality filters, each counted in ``rejected`` by category: body fraction (CT: HU > -500;
    others: display value > 10) below ``min_body_fraction`` (``low_body_fraction``), and a
    display standard deviation below ``min_slice_std`` grey levels (``near_constant``).
 5. Geometry: optional ``center_crop`` (fraction of each side kept), then, with
    ``field_of_view_mm`` and PixelSpacing, resampling to field_of_view_mm / resolution mm per
-   pixel (centred crop or pad), else fitting the longer side to ``resolution``. Never flipped.
+   pixel (centred crop or pad; a PixelSpacing that is not two positive numbers rejects the
+   slice), else fitting the longer physical side to ``resolution`` (non-square pixels are
+   stretched to their true aspect). The record's ``resize`` says which. Never flipped.
 6. Captions from ``caption.parts`` (or ``caption.modality_parts[MODALITY]``); with
    ``caption.choice: random`` or ``caption.dropout`` > 0 the alternative and the dropped parts
    are drawn from a generator seeded by ``caption.seed`` and the image name. The caption's
    ``window`` field is the CT preset name only; ``voi``/``percentile`` carry no meaning for a
-   reader. Captions over ``caption.max_tokens`` (estimated CLIP tokens) are logged and counted.
+   reader. Captions over ``caption.max_tokens`` (estimated CLIP tokens) are logged and counted;
+   an image whose caption would be empty is rejected (``empty_caption``), never written.
 """
 
 from __future__ import annotations
@@ -55,11 +64,19 @@ from idc_diffusion.captions import (
     render_caption,
     validate_parts,
 )
+from idc_diffusion.cohort_spec import IMAGE_SOP_CLASSES
 from idc_diffusion.collection_terms import collection_terms
 from idc_diffusion.geometry import axis_fractions, center_crop, resample_to_fov, third_of
 from idc_diffusion.imaging import foreground_fraction, resize_square, write_png
 from idc_diffusion.rows import cell
-from idc_diffusion.series import SeriesScan, SliceHeader, load_slices, scan_series
+from idc_diffusion.series import (
+    MAX_FRAME_PIXELS,
+    ScanRules,
+    SeriesScan,
+    SliceHeader,
+    load_slices,
+    scan_series,
+)
 from idc_diffusion.verify import series_files
 from idc_diffusion.windowing import (
     Lut,
@@ -78,6 +95,7 @@ CT_BODY_HU = -500.0
 DISPLAY_FOREGROUND_LEVEL = 10.0
 PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "RF", "XA"})
 STATS_MAX_SLICES = 32
+ALL_IMAGE_SOP_CLASSES = frozenset(uid for uids in IMAGE_SOP_CLASSES.values() for uid in uids)
 # the caption fields records carry; the window has its own columns
 CAPTION_FIELDS = tuple(f for f in captions.CAPTION_FIELDS if f != "window")
 
@@ -92,6 +110,7 @@ RECORD_DTYPES: dict[str, str] = {
     "shard": "int64",
     "slice_index": "int64",
     "slice_position_mm": "float64",
+    "resize": "string",
     "SOPInstanceUID": "string",
     "window": "string",
     "window_center": "float64",
@@ -129,11 +148,37 @@ class Window:
 
 def select_indices(n: int, k: int, band: Sequence[float] = (0.0, 1.0)) -> list[int]:
     """k slice indices of an n-slice stack at the centres of k equal sub-bands of `band`."""
+    return sorted(band_candidates(n, k, band))
+
+
+def band_candidates(n: int, k: int, band: Sequence[float] = (0.0, 1.0)) -> dict[int, list[int]]:
+    """The slice at the centre of each of k equal sub-bands of `band` (n-slice stack), with
+    the other slices of its sub-band nearest first: what replaces it if it fails to decode."""
     if n <= 0:
-        return []
+        return {}
     lo, hi = band
-    centres = lo + (hi - lo) * (np.arange(k) + 0.5) / k
-    return sorted({int(i) for i in np.clip(np.rint(centres * (n - 1)), 0, n - 1)})
+    edges = (lo + (hi - lo) * np.arange(k + 1) / k) * (n - 1)
+    centres = (lo + (hi - lo) * (np.arange(k) + 0.5) / k) * (n - 1)
+    out: dict[int, list[int]] = {}
+    for j, centre in enumerate(centres):
+        first = int(np.clip(np.rint(centre), 0, n - 1))
+        inside = range(max(0, int(np.ceil(edges[j]))), min(n - 1, int(np.floor(edges[j + 1]))) + 1)
+        rest = sorted((i for i in inside if i != first), key=lambda i: (abs(i - centre), i))
+        out.setdefault(first, rest)
+    return out
+
+
+def nearest_candidates(fractions: np.ndarray, wanted: Sequence[float]) -> dict[int, list[int]]:
+    """The slice nearest to each wanted fraction, with the slices nearer to that fraction
+    than to any other wanted one, nearest first."""
+    wanted = np.asarray(wanted, dtype=float)
+    owner = np.argmin(np.abs(fractions[:, None] - wanted[None, :]), axis=1)
+    out: dict[int, list[int]] = {}
+    for w, target in enumerate(wanted):
+        mine = sorted(np.flatnonzero(owner == w), key=lambda i: (abs(fractions[i] - target), i))
+        first = int(np.argmin(np.abs(fractions - target)))
+        out.setdefault(first, [int(i) for i in mine if i != first])
+    return out
 
 
 def ct_windows(body_part: str | None, settings: Mapping[str, Any]) -> list[Window]:
@@ -204,54 +249,76 @@ def _reject(
     }
 
 
-def choose_slices(scan: SeriesScan, projection: bool, settings: Mapping[str, Any]) -> list[int]:
-    """Sorted-stack indices of the slices to render (see the module docstring, step 2)."""
+def choose_slices(
+    scan: SeriesScan, projection: bool, settings: Mapping[str, Any]
+) -> dict[int, list[int]]:
+    """Sorted-stack indices of the slices to render, each with its replacements in order
+    (see the module docstring, step 2)."""
     n, k = len(scan.slices), int(settings["slices_per_series"])
     mode = settings.get("slice_selection", "band")
     if projection or mode == "uniform":
-        return select_indices(n, k)
+        return band_candidates(n, k)
     if mode == "positions":
         fractions = axis_fractions(scan.positions_mm)
         if np.all(np.isfinite(fractions)):
-            wanted = np.asarray(settings.get("slice_positions") or [0.5], dtype=float)
-            return sorted({int(np.argmin(np.abs(fractions - f))) for f in wanted})
-        return select_indices(n, k)  # no extent along the normal: fall back to uniform
+            return nearest_candidates(fractions, settings.get("slice_positions") or [0.5])
+        return band_candidates(n, k)  # no extent along the normal: fall back to uniform
     if mode != "band":
         raise ValueError(f"prepare.slice_selection: unknown mode {mode!r}")
-    return select_indices(n, k, settings["slice_band"])
+    return band_candidates(n, k, settings["slice_band"])
 
 
-def to_output(image: np.ndarray, spacing: Sequence[float] | None, settings: Mapping) -> np.ndarray:
-    """Crop (optional), then resample to the field of view or fit the square (step 5)."""
+def to_output(
+    image: np.ndarray, spacing: Sequence[float] | None, settings: Mapping
+) -> tuple[np.ndarray, str]:
+    """Crop (optional), then resample to the field of view or fit the square (step 5).
+
+    Returns the image and how it was resized: ``field_of_view`` or ``fit``.
+    """
     crop = settings.get("center_crop")
     if crop:
         image = center_crop(image, float(crop))
     fov = settings.get("field_of_view_mm")
     size = int(settings["resolution"])
     if fov and spacing:
-        return resample_to_fov(image, spacing, float(fov), size)
-    return resize_square(image, size)
+        return resample_to_fov(image, spacing, float(fov), size), "field_of_view"
+    return resize_square(image, size, spacing), "fit"
+
+
+def scan_rules(settings: Mapping[str, Any]) -> ScanRules:
+    """What prepare asks of a series' files: an image storage class the cohort selects, the
+    frame size limit, and a usable PixelSpacing when a field of view is configured."""
+    return ScanRules(
+        sop_classes=ALL_IMAGE_SOP_CLASSES,
+        max_frame_pixels=int(settings.get("max_frame_pixels", MAX_FRAME_PIXELS)),
+        need_pixel_spacing=bool(settings.get("field_of_view_mm")),
+    )
 
 
 def _stats_indices(n: int) -> list[int]:
     return select_indices(n, min(n, STATS_MAX_SLICES))
 
 
+def voi_window(header: SliceHeader, settings: Mapping[str, Any]) -> Window | None:
+    """A file's own display window: its VOI LUT Sequence item, else its WindowCenter/Width
+    (number ``voi_index``, the last when there are fewer); None when it has neither."""
+    index = int(settings.get("voi_index", 0))
+    lut = pick(header.voi_luts, index)
+    if lut is not None:
+        return Window("voi_lut", None, None, lut=lut[1], voi_index=lut[0])
+    voi = pick(header.windows, index)
+    if voi is not None:
+        return Window("voi", voi[1][0], voi[1][1], voi_index=voi[0])
+    return None
+
+
 def series_windows(
     modality: str, body_part: str | None, scan: SeriesScan, settings: Mapping[str, Any]
 ) -> list[Window]:
-    """The windows one series is rendered with (see the module docstring)."""
+    """The windows of a series' slices that are not shown with their own VOI window: the
+    CT presets, else percentiles of the volume (see the module docstring)."""
     if modality == "CT":
         return ct_windows(body_part, settings)
-    if modality != "MR":
-        first: SliceHeader = scan.slices[0]
-        index = int(settings.get("voi_index", 0))
-        lut = pick(first.voi_luts, index)
-        if lut is not None:
-            return [Window("voi_lut", None, None, lut=lut[1], voi_index=lut[0])]
-        voi = pick(first.windows, index)
-        if voi is not None:
-            return [Window("voi", voi[1][0], voi[1][1], voi_index=voi[0])]
     stats = load_slices(scan, _stats_indices(len(scan.slices))).volume
     return [percentile_window(stats, settings["mr_percentiles"])]
 
@@ -272,43 +339,45 @@ def prepare_series(
     uid = str(row["SeriesInstanceUID"])
     if not series_dir.is_dir():
         return [], [_reject(uid, f"series folder {series_dir.name} missing", "prepare")]
-    scan = scan_series(series_dir)
+    scan = scan_series(series_dir, uid, scan_rules(settings))
     rejected = [
         _reject(uid, r.reason, "prepare", r.file, category=r.category) for r in scan.rejected
     ]
     if not scan.slices:
-        reason = f"no usable slice ({len(scan.rejected)} files rejected)"
-        return [], [*rejected, _reject(uid, reason, "prepare")]
+        return [], [*rejected, _reject(uid, _empty_series_reason(scan), "prepare")]
     modality = str(cell(row, "Modality") or scan.header["Modality"] or "").upper()
     body_part = cell(row, "BodyPartExamined") or scan.header["BodyPartExamined"]
     projection = is_projection(modality, scan)
-    indices = choose_slices(scan, projection, settings)
-    volume = load_slices(scan, indices)
+    candidates = choose_slices(scan, projection, settings)
+    volume = load_slices(scan, sorted(candidates), candidates)
     rejected += [
         _reject(uid, r.reason, "prepare", r.file, _index_of(scan, r.file), r.category)
         for r in volume.rejected[len(scan.rejected) :]
     ]
-    windows = series_windows(modality, body_part, scan, settings)
+    own_voi: dict[int, Window | None] = {}  # radiographs etc.: each file's own VOI window
+    if modality not in ("CT", "MR"):
+        pairs = zip(volume.slice_indices, volume.headers, strict=True)
+        own_voi = {index: voi_window(header, settings) for index, header in pairs}
+    series_wins = []
+    if modality in ("CT", "MR") or None in own_voi.values():
+        series_wins = series_windows(modality, body_part, scan, settings)
     thirds = axis_fractions(scan.z_mm)
     caption = settings["caption"]
     parts = parts_for(modality, caption)
     max_tokens = int(caption.get("max_tokens", CLIP_MAX_TOKENS))
     records = []
-    for values, index, position, sop, file in zip(
-        volume.volume,
-        volume.slice_indices,
-        volume.positions_mm,
-        volume.sop_uids,
-        volume.files,
-        strict=True,
+    for values, index, position, header in zip(
+        volume.volume, volume.slice_indices, volume.positions_mm, volume.headers, strict=True
     ):
-        images = [render(values, w, volume.photometric) for w in windows]
+        file = header.name
+        own = own_voi.get(index)
+        windows = [own] if own is not None else series_wins
+        images = [render(values, w, header.photometric) for w in windows]
         problem = quality_problem(values, images[0], modality, settings)
         if problem is not None:
             category, reason = problem
             rejected.append(_reject(uid, f"{file}: {reason}", "prepare", file, index, category))
             continue
-        spacing = scan.slices[index].pixel_spacing
         fields = caption_fields(
             modality=modality,
             body_part=body_part,
@@ -323,16 +392,22 @@ def prepare_series(
         )
         for window, image in zip(windows, images, strict=True):
             name = f"images/{uid}_{index:04d}_{window.name}.png"
-            write_png(to_output(image, spacing, settings), out_dir / name)
             fields = {**fields, "window": window.caption}
             text = caption_text(fields, parts, caption, name)
+            if not text.strip():
+                reason = f"{file}: empty caption (no field of any caption part is known)"
+                rejected.append(_reject(uid, reason, "prepare", file, index, "empty_caption"))
+                continue
+            output, resize = to_output(image, header.pixel_spacing, settings)
+            write_png(output, out_dir / name)
             tokens = clip_token_count(text)
             if tokens > max_tokens:
                 log.warning("%s: caption has ~%d CLIP tokens (> %d)", name, tokens, max_tokens)
             slice_info = {
                 "slice_index": index,
                 "slice_position_mm": float(position),
-                "SOPInstanceUID": sop,
+                "resize": resize,
+                "SOPInstanceUID": header.sop_uid,
                 "text_tokens": tokens,
             }
             records.append(
@@ -341,6 +416,14 @@ def prepare_series(
     if not records:
         rejected.append(_reject(uid, "no usable slice in the series", "prepare"))
     return records, rejected
+
+
+def _empty_series_reason(scan: SeriesScan) -> str:
+    """The series-level reason when no slice of a series is usable."""
+    categories = {r.category for r in scan.rejected}
+    if categories == {"not_image"}:
+        return scan.rejected[0].reason.split(": ", 1)[1]  # "not an image series (...)"
+    return f"no usable slice ({len(scan.rejected)} files rejected)"
 
 
 def quality_problem(

