@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from gpu_train_sd21 import RANDOM_SD21, main, peak_tflops, unet_step_flops
+from train_fixtures import own_precision
 
 
 def test_peak_is_the_exact_models_for_the_precision() -> None:
@@ -31,9 +32,10 @@ def test_sd21_flops_are_counted_on_the_meta_device() -> None:
 def test_dry_run_on_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     out = tmp_path / "result.json"
-    result = main(["--model", "tiny", "--resolution", "64", "--device", "cpu", "--steps", "2",
+    with own_precision():  # each run picks its precision; earlier tests may have set one
+        result = main(["--model", "tiny", "--resolution", "64", "--device", "cpu", "--steps", "2",
                    "--warmup", "1", "--images", "8", "--batch", "4", "--workers", "0",
-                   "--out", str(out)])  # fmt: skip
+                       "--out", str(out)])  # fmt: skip
     assert json.loads(out.read_text()) == result
     assert len(result["runs"]) == 6 and result["peak_tflops"] is None
     assert all(run["s_per_step"] > 0 for run in result["runs"].values())

@@ -8,6 +8,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 import pytest
+import yaml
 
 from idc_diffusion.cohort import EmptyCohortError, build_cohort, run_cohort, select_strata
 from idc_diffusion.cohort_spec import CohortSpecError
@@ -196,7 +197,8 @@ def test_explain_prints_sql_and_the_count_after_each_filter(
     lines = [ln.split() for ln in chest_ct.split("-- stratum")[0].splitlines() if ln.strip()]
     values = [int(parts[-1]) for parts in lines]
     assert values == sorted(values, reverse=True)  # each filter only removes
-    assert values[-1] == 6
+    demo = yaml.safe_load((repo / "config/demo.yaml").read_text())
+    assert values[-1] == demo["cohort"]["strata"][0]["max_series"]  # the cap is the last filter
 
 
 def test_download_plan_and_disk_budget(

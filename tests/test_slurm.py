@@ -71,9 +71,12 @@ def test_every_job_went_through_sbatch(cluster: Path, slurm_run: tuple[Path, str
     workdir, log = slurm_run
     submitted = re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", log)
     rules = re.findall(r"^(?:rule|checkpoint) (\w+):", log, flags=re.M)
-    # cohort, 2 download, 2 prepare, dataset, train, sample, sample_manifest, evaluate:
-    # every job but the local target rule `all` was submitted
-    assert len(submitted) == len([r for r in rules if r != "all"]) == 10
+    # cohort, 2 download, 2 prepare, dataset, train, sample, sample_manifest, sample_base,
+    # sample_base_manifest, evaluate: every job but the local ones was submitted; the target
+    # rule `all` and base_model (a localrule: on a cluster the login node has the internet)
+    # ran where snakemake runs
+    assert len(submitted) == len([r for r in rules if r != "all"]) == 12
+    assert re.search(r"^localrule base_model:", log, flags=re.M)
     states = completed_jobs(cluster)
     assert {slurm_id for _, slurm_id in submitted} <= set(states)
     assert all(states[slurm_id] == "COMPLETED" for _, slurm_id in submitted)
