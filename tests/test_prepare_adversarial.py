@@ -207,12 +207,20 @@ def test_zero_pixel_spacing_with_field_of_view_is_rejected_not_blank(tmp_path):
     assert none.empty and len(fitted) == 12 and (fitted.resize == "fit").all()
 
 
+def _empty_shard(rows, report, dicom, out, settings) -> pd.DataFrame:
+    """prepare_shard on a shard that yields no image: it stops, writing only the rejections."""
+    with pytest.raises(ValueError, match="shard 0: 0 images from the cohort's 1 series"):
+        prepare_shard(rows, report, dicom, out, settings, 0)
+    assert not (out / "records.parquet").exists()
+    return pd.read_parquet(out / "rejected.parquet")
+
+
 def test_empty_caption_is_rejected_never_written(tmp_path):
     rows, report, dicom, _ = _ct_shard(tmp_path, n=2)
     settings = prepare_settings(resolution=SIZE, slices_per_series=2, slice_band=[0, 1])
     settings["caption"] = {"separator": ", ", "parts": [["{view} view"]]}  # no CT has a view
-    records, rejected = prepare_shard(rows, report, dicom, tmp_path / "out", settings, 0)
-    assert records.empty and not list((tmp_path / "out" / "images").iterdir())
+    rejected = _empty_shard(rows, report, dicom, tmp_path / "out", settings)
+    assert not list((tmp_path / "out" / "images").iterdir())
     assert rejected.category.tolist() == ["empty_caption"] * 4 + ["series"]
     assert "empty caption" in rejected.reason.iloc[0]
 
@@ -257,8 +265,8 @@ def test_frame_size_limit_is_configured_under_prepare(tmp_path):
     assert default == config["prepare"]["max_frame_pixels"] == MAX_FRAME_PIXELS > 4096 * 4096
     rows, report, dicom, _ = _ct_shard(tmp_path, n=2)
     settings = prepare_settings(resolution=SIZE, max_frame_pixels=SIZE * SIZE - 1)
-    records, rejected = prepare_shard(rows, report, dicom, tmp_path / "out", settings, 0)
-    assert records.empty and rejected.category.tolist() == ["frame_size", "frame_size", "series"]
+    rejected = _empty_shard(rows, report, dicom, tmp_path / "out", settings)
+    assert rejected.category.tolist() == ["frame_size", "frame_size", "series"]
 
 
 def test_merge_refuses_a_shard_with_an_empty_caption(tmp_path):

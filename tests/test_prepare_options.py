@@ -4,6 +4,7 @@ import hashlib
 
 import numpy as np
 import pandas as pd
+import pytest
 from dicom_factory import ct_phantom, prepare_settings, write_volume
 from PIL import Image
 from test_prepare import cohort_row, ok
@@ -60,8 +61,8 @@ def test_near_constant_slices_rejected_with_category(tmp_path):
     write_volume(dicom / "1.2.8", flat, series_uid="1.2.8")
     rows = pd.DataFrame([cohort_row("1.2.8", "CT", "ABDOMEN")])
     settings = prepare_settings(resolution=16, slices_per_series=2, min_slice_std=2.0)
-    records, rejected = prepare_shard(
-        rows, {"series": [ok("1.2.8")]}, dicom, tmp_path / "o", settings, 0
-    )
-    assert records.empty
+    with pytest.raises(ValueError, match="0 images from the cohort's 1 series"):
+        prepare_shard(rows, {"series": [ok("1.2.8")]}, dicom, tmp_path / "o", settings, 0)
+    assert not (tmp_path / "o" / "records.parquet").exists()
+    rejected = pd.read_parquet(tmp_path / "o" / "rejected.parquet")
     assert rejected["category"].tolist() == ["near_constant", "near_constant", "series"]

@@ -604,15 +604,15 @@ def prepare_shard(
         rejected += rejs
     record_frame = _frame(records, RECORD_DTYPES)
     rejected_frame = _frame(rejected, REJECTED_DTYPES)
-    if len(rows) and record_frame.empty:
+    rejected_frame.to_parquet(out_dir / "rejected.parquet", index=False)
+    if len(rows) and record_frame.empty:  # no records.parquet: the reasons are in rejected
         reasons = rejected_frame["reason"].value_counts().head(3).to_dict()
         raise ValueError(
             f"shard {shard}: 0 images from the cohort's {rows['SeriesInstanceUID'].nunique()} "
-            f"series (commonest rejections: {reasons}); check {dicom_dir} and the download "
-            "report, or the prepare settings"
+            f"series (commonest rejections: {reasons}; all in {out_dir / 'rejected.parquet'}); "
+            f"check {dicom_dir} and the download report, or the prepare settings"
         )
     record_frame.to_parquet(out_dir / "records.parquet", index=False)
-    rejected_frame.to_parquet(out_dir / "rejected.parquet", index=False)
     long_captions = int((record_frame["text_tokens"] > caption.get("max_tokens", 77)).sum())
     log.info(
         "shard %d: %d images from %d series, %d rejections %s, %d captions over the token limit",
