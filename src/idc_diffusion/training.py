@@ -977,6 +977,9 @@ def train(
         save_outputs(pipeline, models, summary, settings, provenance, out_dir)
         if board is not None:
             board.close()
+    # every rank leaves together: a rank that tears its process group down while rank 0 is
+    # still saving can leave rank 0 hanging at exit (seen once with gloo on 2 CPU ranks)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
 
