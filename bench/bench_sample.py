@@ -25,8 +25,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-if str(SRC) not in sys.path:
-    sys.path.insert(0, str(SRC))
+for _path in (SRC, Path(__file__).resolve().parent):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 from idc_diffusion.models import build_tiny_pipeline  # noqa: E402
 from idc_diffusion.sampling import (  # noqa: E402
@@ -137,10 +138,10 @@ def result(details: dict, model_label: str) -> dict:
             f"{model_label}: images/s generating {details['images']} images "
             f"({details['steps']} DPM-Solver++ steps, guidance {details['guidance']}) with the "
             f"sample stage (batch {details['batch_size']}, SDPA, {details['dtype']}) vs a naive "
-            "loop of one float32 pipeline call per image, same prompts and seeds."
+            f"loop of one {details['dtype']} pipeline call per image, same prompts and seeds."
         ),
         "baseline": {
-            "label": "naive loop, 1 image per call, float32",
+            "label": f"naive loop, 1 image per call, {details['dtype']}",
             "value": details["naive_images_per_s"],
         },
         "candidate": {
@@ -165,7 +166,15 @@ def run(
     guidance: float = 4.0,
     compile_unet: bool = False,
 ) -> dict:
-    """The benchmark; the tiny 64 px model on CPU unless a model folder is given."""
+    """The benchmark; the tiny 64 px model on CPU unless a model folder is given
+    ('random-sd21': SD 2.1-base-shaped random weights, as in gpu_train_sd21.py)."""
+    if model == "random-sd21":
+        from gpu_train_sd21 import write_random_sd21
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = write_random_sd21(Path(tmp) / "random-sd21")
+            details = measure(folder, device, images, batch, steps, guidance, compile_unet)
+        return result(details, "SD 2.1-base-shaped, random weights (512 px)")
     if model is not None:
         details = measure(Path(model), device, images, batch, steps, guidance, compile_unet)
         return result(details, Path(model).name)
@@ -177,7 +186,10 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="a diffusers pipeline folder (default: the tiny model)")
+    parser.add_argument(
+        "--model", help="a diffusers pipeline folder or 'random-sd21' (default: the tiny model)"
+    )
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8)
@@ -188,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     out = run(
         args.model, args.device, args.images, args.batch, args.steps, args.guidance, args.compile
     )
-    print(json.dumps(out, indent=2))
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
     return 0
 
 
