@@ -40,3 +40,24 @@ def test_dry_run_on_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert len(result["runs"]) == 6 and result["peak_tflops"] is None
     assert all(run["s_per_step"] > 0 for run in result["runs"].values())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]  # temp space cleaned
+
+
+def test_a_gpu_session_folder_becomes_two_results(tmp_path: Path) -> None:
+    import run as bench_run
+
+    with own_precision():
+        argv = ["--model", "tiny", "--resolution", "64", "--device", "cpu", "--steps", "1",
+                "--warmup", "1", "--images", "4", "--batch", "2", "--workers", "0"]  # fmt: skip
+        raw = main(argv)
+    (tmp_path / "gpu_train_sd21.json").write_text(json.dumps(raw))
+    (tmp_path / "machine.txt").write_text(
+        "name, driver_version, memory.total [MiB]\nNVIDIA H200, 580.1, 143771 MiB\n"
+        "torch 2.11.0+cu130 cuda 13.0 diffusers 0.42.1 transformers 5.23.0 accelerate 1.15.0\n"
+    )  # no gpu_sample.json: that step failed, the other is still recorded
+    [result] = bench_run.record_gpu_session(tmp_path)
+    assert result["name"] == "gpu_train" and result["machine"]["gpu"] == "NVIDIA H200"
+    assert result["machine"]["torch"] == "2.11.0+cu130"
+    ours = raw["runs"]["ours, checkpointing off"]["images_per_s"]
+    reference = raw["runs"]["reference, checkpointing off"]["images_per_s"]
+    assert result["ratio"] == round(ours / reference, 3)
+    assert len(result["table"]) == 2 + 6 and "| ours | off |" in "\n".join(result["table"])
