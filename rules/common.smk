@@ -53,7 +53,7 @@ class Untracked:
 
     Snakemake's params rerun trigger records only values of builtin types (str, int, dict,
     ...) and skips others, so this object, formatted as its text, is passed but not
-    compared.
+    compared. tests/test_rerun_matrix.py checks that with the installed Snakemake.
     """
 
     __slots__ = ("text",)

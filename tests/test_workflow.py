@@ -332,8 +332,8 @@ def test_editing_one_dicom_file_reruns_only_its_shard(dataset_run: Path) -> None
 
 
 def test_download_setting_reruns_nothing(dataset_run: Path, demo_raw: dict) -> None:
-    """A setting that changes how a job runs, not what it writes, reaches the next job that
-    runs and reruns nothing now."""
+    """A setting that changes how a job runs, not what it writes (tests/test_rerun_matrix.py
+    covers every key), reaches the next job that runs and reruns nothing now."""
     demo_raw["download"]["progress_interval_s"] = 3.0
     config = write_config(dataset_run / "progress.yaml", demo_raw)
     result = snakemake(dataset_run, "--configfile", str(config), "-c2", DATASET)

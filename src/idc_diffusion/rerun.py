@@ -18,6 +18,9 @@ only name things (``run_name``, the card's text) are read by cheap rules of thei
 (``model_card``, the sample manifests that write the DICOM export), never by ``train``,
 ``sample`` or ``prepare``.
 
+tests/test_rerun_matrix.py changes every config key on a finished demo and checks the set
+of rules that reruns against the expectation declared there for that key.
+
 Imports only the standard library and stdlib-only modules: the Snakefile imports it.
 """
 
