@@ -26,6 +26,7 @@ rule all:
         rules.cohort.output,
         rules.dataset.output,
         rules.train.output,
+        rules.model_card.output,
         rules.sample_manifest.output,
         rules.evaluate.output,
     default_target: True

@@ -9,7 +9,8 @@ rule cohort:
         # bytes and files per shard; the rule fails here if over cohort.disk_budget_GB
         plan="results/cohort/download_plan.json",
     params:
-        settings=section("cohort"),
+        settings=tracked("cohort"),
+        runtime=untracked("cohort"),  # billing project, disk budget: rerun nothing
         seed=config["seed"],
         n_shards=config["n_shards"],
         # a new IDC index release reruns the cohort; reinstalling the same one does not
@@ -21,5 +22,6 @@ rule cohort:
     conda:
         "../envs/cohort.yaml"
     shell:
-        "python -m idc_diffusion cohort --settings {params.settings} --seed {params.seed}"
+        "python -m idc_diffusion cohort --settings {params.settings} --runtime {params.runtime}"
+        " --seed {params.seed}"
         " --n-shards {params.n_shards} --out-dir $(dirname {output.cohort}) > {log} 2>&1"

@@ -7,13 +7,9 @@ from pathlib import Path
 SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))
 
-from idc_diffusion.base_model import (  # noqa: E402
-    BASE_MODEL_DIR,
-    ModelError,
-    base_settings,
-    check_base_model,
-)
+from idc_diffusion.base_model import BASE_MODEL_DIR, ModelError, check_base_model  # noqa: E402
 from idc_diffusion.config import ConfigError, validate_config  # noqa: E402
+from idc_diffusion.rerun import rule_settings, tracked_config  # noqa: E402
 
 try:
     validate_config(config)
@@ -46,25 +42,51 @@ wildcard_constraints:
     sample_shard=r"\d+",
 
 
-def section(name):
-    """A params function giving a config section as one shell-quoted JSON argument.
+# What reruns a job (src/idc_diffusion/rerun.py): a rule's tracked params carry only the
+# settings that change its outputs (`tracked`); the ones that change only how a job runs
+# (workers, retries, intervals, gates) reach its command as `--runtime`, in a params value
+# Snakemake passes but never compares (`untracked`): changing one reruns nothing.
 
-    Key order does not matter (sorted), so reformatting a config reruns nothing; a function,
-    because caption templates contain braces that Snakemake would read as wildcards.
+
+class Untracked:
+    """A params value that reaches the job's command but never reruns it.
+
+    Snakemake's params rerun trigger records only values of builtin types (str, int, dict,
+    ...) and skips others, so this object, formatted as its text, is passed but not
+    compared. tests/test_rerun_matrix.py checks that with the installed Snakemake.
     """
-    text = shlex.quote(json.dumps(config[name], sort_keys=True))
+
+    __slots__ = ("text",)
+
+    def __init__(self, text):
+        self.text = text
+
+    def __str__(self):
+        return self.text
+
+
+def _quoted(value):
+    """Shell-quoted sorted JSON: key order does not matter, so reformatting reruns nothing."""
+    return shlex.quote(json.dumps(value, sort_keys=True))
+
+
+def tracked(rule):
+    """A params function giving `rule`'s tracked settings as one shell-quoted JSON argument.
+
+    A function, because caption templates contain braces Snakemake would read as wildcards.
+    """
+    text = _quoted(rule_settings(rule, config)[0])
     return lambda wildcards: text
 
 
-def base_settings_arg():
-    """A params function giving the train keys that decide the base model, as quoted JSON."""
-    text = shlex.quote(json.dumps(base_settings(config["train"]), sort_keys=True))
-    return lambda wildcards: text
+def untracked(rule):
+    """`rule`'s runtime-only settings, as an untracked params value (quoted JSON)."""
+    return Untracked(_quoted(rule_settings(rule, config)[1]))
 
 
-def whole_config():
-    """A params function giving the whole validated config as shell-quoted sorted JSON."""
-    text = shlex.quote(json.dumps(config, sort_keys=True))
+def provenance_config():
+    """A params function giving the config without its runtime-only settings (quoted JSON)."""
+    text = _quoted(tracked_config(config))
     return lambda wildcards: text
 
 

@@ -16,7 +16,9 @@ checkpoint download:
     output:
         report="results/dicom/shard-{shard}.json",
     params:
-        settings=section("download"),
+        settings=tracked("download"),
+        # provider, workers, retries, timeouts, progress interval: rerun nothing
+        runtime=untracked("download"),
         dicom_dir=lambda wildcards: f"results/dicom/shard-{wildcards.shard}",
     log:
         "logs/download/shard-{shard}.log",
@@ -27,6 +29,6 @@ checkpoint download:
     resources:
         downloads=1,
     shell:
-        "python -m idc_diffusion download --settings {params.settings} --cohort {input.cohort}"
-        " --shard {wildcards.shard} --out-dir {params.dicom_dir} --report {output.report}"
-        " > {log} 2>&1"
+        "python -m idc_diffusion download --settings {params.settings} --runtime {params.runtime}"
+        " --cohort {input.cohort} --shard {wildcards.shard} --out-dir {params.dicom_dir}"
+        " --report {output.report} > {log} 2>&1"

@@ -1,7 +1,7 @@
 rule evaluate:
     input:
-        manifest=rules.sample_manifest.output,
-        base_manifest=rules.sample_base_manifest.output,
+        manifest=rules.sample_manifest.output.manifest,
+        base_manifest=rules.sample_base_manifest.output.manifest,
         train=rules.dataset.output.train,
         test=rules.dataset.output.test,
         rejected=rules.dataset.output.rejected,
@@ -28,10 +28,11 @@ rule evaluate:
             labels={"figure": "{name}"},
         ),
     params:
-        settings=section("evaluate"),
-        # evaluate is downstream of every stage, so recording the whole config here
-        # reruns nothing that a section change would not rerun anyway
-        config=whole_config(),
+        settings=tracked("evaluate"),
+        # the report's provenance: the config without its runtime-only settings (those
+        # change no result, so they rerun nothing here either); evaluate is downstream of
+        # every other stage, so the rest reruns nothing a section change would not
+        config=provenance_config(),
     log:
         "logs/evaluate/evaluate.log",
     benchmark:

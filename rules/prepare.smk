@@ -7,7 +7,7 @@ rule prepare:
         records="results/dataset/shard-{shard}/records.parquet",
         rejected="results/dataset/shard-{shard}/rejected.parquet",
     params:
-        settings=section("prepare"),
+        settings=tracked("prepare"),
         dicom_dir=lambda wildcards: f"results/dicom/shard-{wildcards.shard}",
     threads: 8  # series in parallel; Snakemake lowers it to the cores it has
     log:
@@ -54,8 +54,8 @@ rule latents:
     output:
         index="results/latents/index.parquet",
     params:
-        # the base model (train section) decides the VAE that encodes the images
-        settings=section("train"),
+        # the held-out split and the precision; the base model comes as an input
+        settings=tracked("latents"),
     log:
         "logs/latents/latents.log",
     benchmark:

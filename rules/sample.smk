@@ -9,7 +9,10 @@ SAMPLE_CAPTION = (
 )
 # sample_base samples the base model itself: no other model, no LoRA on top.
 BASE_SAMPLE_SETTINGS = shlex.quote(
-    json.dumps({**config["sample"], "model": None, "lora_weights": None}, sort_keys=True)
+    json.dumps(
+        {**rule_settings("sample", config)[0], "model": None, "lora_weights": None},
+        sort_keys=True,
+    )
 )
 
 
@@ -22,9 +25,9 @@ rule sample:
     output:
         directory("results/samples/shard-{sample_shard}"),
     params:
-        settings=section("sample"),
+        # everything but dicom_export; the run name and the DICOM files: sample_manifest
+        settings=tracked("sample"),
         caption=lambda wildcards: SAMPLE_CAPTION,
-        run_name=shlex.quote(config["run_name"]),
         model_dir="results/model",
     log:
         "logs/sample/shard-{sample_shard}.log",
@@ -38,7 +41,7 @@ rule sample:
         "python -m idc_diffusion sample --gpus {resources.gpu} --settings {params.settings}"
         " --shard {wildcards.sample_shard} --model-dir {params.model_dir}"
         " --dataset-dir $(dirname {input.test}) --out-dir {output}"
-        " --run-name {params.run_name} --caption {params.caption} > {log} 2>&1"
+        " --caption {params.caption} > {log} 2>&1"
 
 
 # The same prompts and seeds from the base model: what fine-tuning changed (evaluate compares
@@ -53,7 +56,6 @@ use rule sample as sample_base with:
     params:
         settings=lambda wildcards: BASE_SAMPLE_SETTINGS,
         caption=lambda wildcards: SAMPLE_CAPTION,
-        run_name=shlex.quote(config["run_name"] + "-base"),
         model_dir=lambda wildcards, input: str(Path(input.model).parent),
     log:
         "logs/sample_base/shard-{sample_shard}.log",
@@ -61,11 +63,18 @@ use rule sample as sample_base with:
         "benchmarks/sample_base/shard-{sample_shard}.tsv"
 
 
+# Merges the shards and writes the DICOM export (sample.dicom_export): the files name the run
+# (PatientName SYNTHETIC^<run_name>), so a new run_name or a change of dicom_export rewrites
+# them here, in seconds, and never regenerates an image.
 rule sample_manifest:
     input:
         expand(rules.sample.output, sample_shard=SAMPLE_SHARDS),
     output:
-        "results/samples/manifest.parquet",
+        manifest="results/samples/manifest.parquet",
+        dicom=directory("results/samples/dicom"),
+    params:
+        dicom_export=str(config["sample"]["dicom_export"]).lower(),
+        run_name=shlex.quote(config["run_name"]),
     log:
         "logs/sample_manifest/sample_manifest.log",
     benchmark:
@@ -73,14 +82,20 @@ rule sample_manifest:
     conda:
         "../envs/sample.yaml"
     shell:
-        "python -m idc_diffusion sample-manifest --shards {input} --out {output} > {log} 2>&1"
+        "python -m idc_diffusion sample-manifest --shards {input} --out {output.manifest}"
+        " --dicom-export {params.dicom_export} --dicom-dir {output.dicom}"
+        " --run-name {params.run_name} > {log} 2>&1"
 
 
 use rule sample_manifest as sample_base_manifest with:
     input:
         expand(rules.sample_base.output, sample_shard=SAMPLE_SHARDS),
     output:
-        "results/samples_base/manifest.parquet",
+        manifest="results/samples_base/manifest.parquet",
+        dicom=directory("results/samples_base/dicom"),
+    params:
+        dicom_export=str(config["sample"]["dicom_export"]).lower(),
+        run_name=shlex.quote(config["run_name"] + "-base"),
     log:
         "logs/sample_base_manifest/sample_base_manifest.log",
     benchmark:

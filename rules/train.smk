@@ -13,6 +13,7 @@ from idc_diffusion.launch import launch_command  # src/ is on sys.path (common.s
 # and frozen: the demo's stand-in for SD 2.1's pretrained VAE (src/idc_diffusion/tiny_base.py).
 localrules:
     base_model,
+    model_card,
 
 
 TINY_BASE = config["train"]["base_model"] == "tiny"
@@ -25,7 +26,8 @@ rule base_model:
         model_index=f"{BASE_MODEL}/model_index.json",
         manifest=f"{BASE_MODEL}/manifest.json",
     params:
-        settings=base_settings_arg(),
+        settings=tracked("base_model"),
+        runtime=untracked("base_model"),  # the hub cache folder
         resolution=config["prepare"]["resolution"],
         dataset=lambda wildcards, input: (
             f"--dataset-dir {Path(input.train).parent}" if TINY_BASE else ""
@@ -37,7 +39,8 @@ rule base_model:
     conda:
         "../envs/base_model.yaml"
     shell:
-        "python -m idc_diffusion base-model --settings {params.settings} {params.dataset}"
+        "python -m idc_diffusion base-model --settings {params.settings} --runtime {params.runtime}"
+        " {params.dataset}"
         " --resolution {params.resolution} --out-dir $(dirname {output.manifest}) > {log} 2>&1"
 
 
@@ -45,19 +48,17 @@ rule train:
     input:
         train=rules.dataset.output.train,
         heldout=rules.dataset.output.val,
-        summary=rules.cohort.output.summary,
-        citations=rules.cohort.output.citations,
         base=rules.base_model.output.manifest,
         # the shared latent cache, when prepare.latent_cache builds one
         latents=rules.latents.output.index if config["prepare"]["latent_cache"] else [],
     output:
         model_index="results/model/model_index.json",
-        card=report("results/model/model_card.md", category="Model"),
         log="results/model/train_log.jsonl",
         summary="results/model/train_summary.json",
     params:
-        settings=section("train"),
-        run_name=config["run_name"],
+        settings=tracked("train"),
+        # resume, workers, checkpoint interval and limit, stop margin, threads: rerun nothing
+        runtime=untracked("train"),
         launch=lambda wildcards, resources, threads: launch_command(
             int(resources.gpu), int(getattr(resources, "nodes", 1)), threads
         ),
@@ -73,7 +74,33 @@ rule train:
         nodes=1,
     shell:
         "{params.launch} train --gpus {resources.gpu} --settings {params.settings}"
-        " --run-name {params.run_name}"
-        " --dataset-dir $(dirname {input.train}) --cohort-dir $(dirname {input.summary})"
+        " --runtime {params.runtime}"
+        " --dataset-dir $(dirname {input.train})"
         " --latent-dir results/latents --base-dir $(dirname {input.base})"
         " --out-dir $(dirname {output.model_index}) > {log} 2>&1"
+
+
+# The model card names the run and describes the model: a cheap rule of its own (a localrule),
+# so a new run_name rewrites the card and never retrains.
+rule model_card:
+    input:
+        summary=rules.train.output.summary,
+        cohort=rules.cohort.output.cohort,
+        cohort_summary=rules.cohort.output.summary,
+        base=rules.base_model.output.manifest,
+    output:
+        card=report("results/model/model_card.md", category="Model"),
+    params:
+        settings=tracked("model_card"),  # the hyperparameter table: train's tracked settings
+        run_name=shlex.quote(config["run_name"]),
+    log:
+        "logs/model_card/model_card.log",
+    benchmark:
+        "benchmarks/model_card/model_card.tsv"
+    conda:
+        "../envs/model_card.yaml"
+    shell:
+        "python -m idc_diffusion model-card --settings {params.settings}"
+        " --run-name {params.run_name} --model-dir $(dirname {input.summary})"
+        " --cohort-dir $(dirname {input.cohort}) --base-dir $(dirname {input.base})"
+        " --out {output.card} > {log} 2>&1"

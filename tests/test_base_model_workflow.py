@@ -71,11 +71,11 @@ def test_fetched_once_then_trained_offline(repo: Repo, tmp_path: Path) -> None:
             f"/{REPO_ID}/resolve/{repo.commit}/{name}" for name in wanted
         )
         hub.requests.clear()
-        target = "results/model/model_index.json"
+        targets = ["results/model/model_index.json", "results/model/model_card.md"]
         offline = {**env, "HF_HUB_OFFLINE": "1"}
-        snakemake(tmp_path, target, "-c2", "--configfile", configfile, env=offline)
-        assert hub.requests == []  # start-up check, latents and train: none asked the hub
-        dry = snakemake(tmp_path, target, "-n", "--configfile", configfile, env=env)
+        snakemake(tmp_path, *targets, "-c2", "--configfile", configfile, env=offline)
+        assert hub.requests == []  # start-up check, latents, train, card: none asked the hub
+        dry = snakemake(tmp_path, *targets, "-n", "--configfile", configfile, env=env)
         assert "Nothing to be done" in dry.stdout + dry.stderr
         assert hub.requests == []  # a matching snapshot needs no network, online either
     manifest = json.loads((tmp_path / "results" / "base_model" / "manifest.json").read_text())

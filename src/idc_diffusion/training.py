@@ -694,11 +694,15 @@ def train(
     settings: dict,
     data_dir: Path,
     out_dir: Path,
-    provenance: dict,
+    provenance: dict | None,
     latent_dir: Path | None = None,
     base_dir: Path | None = None,
 ) -> dict:
-    """Fine-tune the base model; write the pipeline, log, summary and card to out_dir.
+    """Fine-tune the base model; write the pipeline, log and summary to out_dir.
+
+    With `provenance` (run name, cohort summary, base manifest) also ``model_card.md``; the
+    workflow writes the card in a rule of its own instead (model-card), so that a new run
+    name rewrites the card without retraining.
 
     `latent_dir` is a shared latent cache tried first when ``use_latent_cache`` is on.
     `base_dir` is the base_model stage's pipeline folder (the workflow's jobs load the base
@@ -1000,10 +1004,11 @@ def save_outputs(
     models: Mapping[str, torch.nn.Module],
     summary: Mapping[str, Any],
     settings: Mapping[str, Any],
-    provenance: Mapping[str, Any],
+    provenance: Mapping[str, Any] | None,
     out_dir: Path,
 ) -> None:
-    """The fine-tuned pipeline (safetensors, float32), train_summary.json and model_card.md.
+    """The fine-tuned pipeline (safetensors, float32), train_summary.json and, with
+    `provenance`, model_card.md.
 
     `models` replace the pipeline's parts of the same name (the trained ones, and the
     base's float32 frozen parts when training cast them).
@@ -1023,7 +1028,8 @@ def save_outputs(
         part.to("cpu", torch.float32)
     pipeline.save_pretrained(out_dir, safe_serialization=True)
     (out_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=1, default=_json), "utf-8")
-    (out_dir / CARD_NAME).write_text(render_model_card(summary, settings, provenance), "utf-8")
+    if provenance is not None:
+        (out_dir / CARD_NAME).write_text(render_model_card(summary, settings, provenance), "utf-8")
 
 
 def _json(value: Any) -> Any:
