@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(SNAKEMAKE) --profile profiles/local --configfile config/demo.yaml
-	@echo "demo done: open results/eval/report.html (SYNTHETIC pixel data, tiny random-init model)"
+	@echo "demo done: open results/eval/report.html (SYNTHETIC phantom pixels, tiny model whose VAE was fitted on them)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -10,6 +10,7 @@ from idc_diffusion.adherence import (
     confusion_matrix,
     field_adherence,
     fit_classifier,
+    gaussian_blur,
     prompt_adherence,
     scorable_fields,
 )
@@ -117,3 +118,46 @@ def test_prompt_adherence_main_field_gets_the_confusion_matrix() -> None:
     assert "confusion" in result["by_field"]["modality"]["fine_tuned"]
     assert "confusion" not in result["by_field"]["window"]["fine_tuned"]
     assert result["by_field"]["modality"]["fine_tuned"]["accuracy"] == 1.0
+
+
+def test_gaussian_blur_keeps_flat_images_and_mass_and_spreads_by_sigma() -> None:
+    flat = torch.full((2, 3, 16, 16), 77, dtype=torch.uint8)
+    assert torch.equal(gaussian_blur(flat, 2.0), flat)
+    point = torch.zeros(1, 1, 41, 41, dtype=torch.uint8)
+    point[0, 0, 20, 20] = 255
+    blurred = gaussian_blur(point, 1.5).double()[0, 0]
+    assert blurred[20, 20] < 255 and abs(blurred.sum().item() - 255) < 41 * 41 * 0.5  # rounding
+    row = blurred.sum(dim=0) / blurred.sum()
+    offsets = torch.arange(41, dtype=torch.float64) - 20
+    assert abs(float((row * offsets**2).sum()) - 1.5**2) < 0.3  # variance = sigma^2
+
+
+def test_blurred_copies_make_the_classifier_read_content_not_sharpness() -> None:
+    # classes differ in brightness; the training images are sharp (textured), the images
+    # to read are smooth: a sharp-only fit keys on the texture and misreads them
+    generator = torch.Generator().manual_seed(0)
+    texture = (torch.rand(40, 1, 16, 16, generator=generator) > 0.5).to(torch.uint8) * 60
+    brightness = torch.tensor([40] * 20 + [140] * 20, dtype=torch.uint8).view(40, 1, 1, 1)
+    sharp = brightness + texture * torch.tensor([1] * 20 + [0] * 20).view(40, 1, 1, 1).to(
+        torch.uint8
+    )
+    labels = [f"{'dark' if i < 20 else 'bright'}" for i in range(40)]
+    smooth = torch.tensor([70] * 10 + [140] * 10, dtype=torch.uint8).view(20, 1, 1, 1)
+    smooth = smooth.expand(20, 1, 16, 16).contiguous()
+    truth = ["dark"] * 10 + ["bright"] * 10
+
+    def features(images: torch.Tensor) -> torch.Tensor:  # mean and local contrast
+        x = images.double()
+        return torch.stack([x.mean(dim=(1, 2, 3)), x.std(dim=(1, 2, 3))], dim=1)
+
+    fields = [{"window": label} for label in labels]
+    test = (features(sharp), fields)
+    generated = {"model": (features(smooth), [{"window": t} for t in truth])}
+    plain = field_adherence("window", (features(sharp), fields), test, generated, 20, 0)
+    blurred = field_adherence(
+        "window", (features(sharp), fields), test, generated, 20, 0,
+        train_blurred=[features(gaussian_blur(sharp, s)) for s in (1.0, 2.0)],
+    )  # fmt: skip
+    assert plain["real_test"]["accuracy"] == blurred["real_test"]["accuracy"] == 1.0
+    assert plain["model"]["accuracy"] <= 0.5 < blurred["model"]["accuracy"] == 1.0
+    assert blurred["n_train"] == plain["n_train"] == 40  # copies are not counted as images

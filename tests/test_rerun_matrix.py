@@ -284,6 +284,7 @@ EXPECTED: dict[str, tuple[frozenset[str], Change | None]] = {
     "evaluate.memorization_quantile": (EVALUATE, None),
     "evaluate.memorization_max_shift": (EVALUATE, None),
     "evaluate.top_pairs": (EVALUATE, None),
+    "evaluate.adherence_blur": (EVALUATE, setting("evaluate.adherence_blur", [1.5])),
     "evaluate.report_samples_per_prompt": (EVALUATE, None),
     "evaluate.report_max_prompts": (EVALUATE, None),
 }

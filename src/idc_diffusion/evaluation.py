@@ -38,7 +38,7 @@ from idc_diffusion import intensity as I
 from idc_diffusion import memorization as MEMO
 from idc_diffusion import metrics as M
 from idc_diffusion import report as R
-from idc_diffusion.adherence import prompt_adherence
+from idc_diffusion.adherence import gaussian_blur, prompt_adherence
 from idc_diffusion.features import FeatureExtractor, build_extractor
 from idc_diffusion.matching import Matched, match_by_prompt, subset_indices, unmatched
 from idc_diffusion.subgroups import caption_index, subgroup_metrics
@@ -62,6 +62,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "memorization_quantile": 0.99,
     "memorization_max_shift": 2,
     "top_pairs": 8,
+    "adherence_blur": [1.0, 2.0],
     "report_samples_per_prompt": 4,
     "report_max_prompts": 12,
 }
@@ -360,14 +361,16 @@ class RealSets:
     """The real images every model is compared with, read once.
 
     ``test``: every test entry; ``train``: the train split's images (64 px copies kept for the
-    memorization audit) and features, None without a train split; ``heldout``: the audit's
-    null (a seeded subset of the test images, 64 px copies).
+    memorization audit) and features, None without a train split; ``train_blurred``: blur
+    sigma -> features of the train images blurred by it (the adherence classifier's extra
+    rows); ``heldout``: the audit's null (a seeded subset of the test images, 64 px copies).
     """
 
     dataset_dir: Path
     test_entries: list[dict]
     train_entries: list[dict]
     train: tuple[ImageSet, torch.Tensor] | None
+    train_blurred: dict[float, torch.Tensor]
     heldout: ImageSet | None
     _matched: dict[tuple[int, ...], tuple[ImageSet, torch.Tensor]]
 
@@ -388,12 +391,19 @@ def read_real_sets(
     extractor: FeatureExtractor,
     settings: dict,
 ) -> RealSets:
-    """Read the train split (features + audit copies) and the audit's held-out null once."""
+    """Read the train split (features, blurred copies' features, audit copies) and the
+    audit's held-out null once."""
     train = heldout = None
+    blurred: dict[float, torch.Tensor] = {}
     if train_entries:
         paths = [dataset_dir / "train" / e["file_name"] for e in train_entries]
         train_set = ImageSet(paths, False, True)
         train = (train_set, train_set.features(extractor))
+        for sigma in map(float, settings["adherence_blur"]):
+            batches = ImageSet(paths, False, False).batches()
+            blurred[sigma] = M.extract_features(
+                (gaussian_blur(b, sigma) for b in batches), extractor
+            )
         null_entries = choose_real(
             test_entries, int(settings["max_real_images"]), int(settings["seed"])
         )
@@ -401,7 +411,7 @@ def read_real_sets(
             [dataset_dir / "test" / e["file_name"] for e in null_entries], False, True
         )
         heldout.read()
-    return RealSets(dataset_dir, test_entries, train_entries, train, heldout, {})
+    return RealSets(dataset_dir, test_entries, train_entries, train, blurred, heldout, {})
 
 
 def model_metrics(
@@ -629,6 +639,7 @@ def evaluate(
             {name: (m.features, m.fields) for name, m in models.items()},
             int(settings["bootstrap"]),
             seed,
+            train_blurred=real_sets.train_blurred,
         )
     memo = fine_tuned["memorization"]
 

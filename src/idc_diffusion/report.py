@@ -628,8 +628,11 @@ def adherence_section(adherence: dict | None) -> str:
     parts = [
         "<p>For each caption field with two or more values among the training images, a "
         "logistic regression on the evaluation features of the real train images reads the "
-        "field back. Real test images give the ceiling; generated images are scored against "
-        "their own prompt's fields. Accuracies with 95 % percentile-bootstrap intervals and n. "
+        "field back (also fitted on copies of them blurred by Gaussian sigmas "
+        f"{esc(adherence.get('train_blur_sigmas') or 'none')} px, so that it reads the content "
+        "rather than the sharpness). Real test images give the ceiling; generated images are "
+        "scored against their own prompt's fields. Accuracies with 95 % percentile-bootstrap "
+        "intervals and n. "
         "A field the images do not show (e.g. sex in a phantom) stays near the majority rate "
         "even on real images.</p>",
         table(header, rows),
