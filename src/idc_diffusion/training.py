@@ -94,12 +94,16 @@ class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite; nothing after the last checkpoint is kept."""
 
 
+def stop_reason(signum: int) -> str:
+    """What a stop code means: the job's time budget, or the signal that asked to stop."""
+    return "time budget spent" if signum == ckpt.BUDGET_STOP else f"signal {signum}"
+
+
 class TrainingInterrupted(RuntimeError):
     """A SIGTERM/SIGUSR1 or the job's time budget stopped training after a checkpoint."""
 
     def __init__(self, signum: int, step: int, folder: Path) -> None:
-        why = "time budget spent" if signum == ckpt.BUDGET_STOP else f"signal {signum}"
-        super().__init__(f"{why}: stopped after step {step}, checkpoint {folder}")
+        super().__init__(f"{stop_reason(signum)}: stopped after step {step}, checkpoint {folder}")
         self.signum, self.step, self.folder = signum, step, folder
 
 
@@ -914,12 +918,10 @@ def train(
                 accelerator.wait_for_everyone()
                 folder = root / f"{ckpt.PREFIX}{done}"
                 if accelerator.is_main_process:
-                    folder = ckpt.save_checkpoint(
-                        accelerator,
-                        root,
-                        done,
-                        {"fingerprint": print_, "layout": layout, "seconds": seconds},
-                    )
+                    info = {"fingerprint": print_, "layout": layout, "seconds": seconds}
+                    if signum and done < max_steps:  # why this run stops here, and its exit
+                        info["stop"] = {"reason": stop_reason(signum), "exit_code": 128 + signum}
+                    folder = ckpt.save_checkpoint(accelerator, root, done, info)
                     shutil.copyfile(log_path, folder / LOG_NAME)
                     ckpt.prune_checkpoints(root, settings["checkpoints_total_limit"])
                     log.info("saved %s", folder.name)
@@ -927,8 +929,7 @@ def train(
                 budget.checkpoint_took(time.perf_counter() - saving)
             if signum and done < max_steps:
                 log.warning("stop code %d (%s): stopping after step %d; resume continues from "
-                            "%s", signum, "time budget" if signum == ckpt.BUDGET_STOP else
-                            "signal", done, folder)  # fmt: skip
+                            "%s", signum, stop_reason(signum), done, folder)  # fmt: skip
                 if board is not None:
                     board.close()
                 accelerator.end_training()
