@@ -932,7 +932,7 @@ def train(
                             "%s", signum, stop_reason(signum), done, folder)  # fmt: skip
                 if board is not None:
                     board.close()
-                accelerator.end_training()
+                end_distributed(accelerator)
                 raise TrainingInterrupted(signum, done, folder)
 
     accelerator.wait_for_everyone()
@@ -978,11 +978,29 @@ def train(
         save_outputs(pipeline, models, summary, settings, provenance, out_dir)
         if board is not None:
             board.close()
-    # every rank leaves together: a rank that tears its process group down while rank 0 is
-    # still saving can leave rank 0 hanging at exit (seen once with gloo on 2 CPU ranks)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_distributed(accelerator)
     return summary
+
+
+# Seconds the ranks wait, with the GIL released, before their process group can be torn down
+SETTLE_SECONDS = 1.0
+
+
+def end_distributed(accelerator: Accelerator) -> None:
+    """Every rank leaves together, and only once the process group's threads are idle.
+
+    gloo's worker threads free the last collectives (a barrier keeps the gather of the step
+    before it alive) after the ranks have moved on, and need the GIL to drop their Python
+    tensors; the process group's destructor, run with the GIL held when train() returns and
+    the DDP wrappers go, joins those threads: the rank hung there for good (seen with 2 CPU
+    ranks, one in a few runs, in ``~ProcessGroupGloo`` -> ``std::thread::join`` while a
+    worker waited for the GIL in ``~AsyncAllgatherWork``). Sleeping after the last barrier
+    hands the workers the GIL first.
+    """
+    accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        time.sleep(SETTLE_SECONDS)
+    accelerator.end_training()
 
 
 def non_finite_message(value: float, step: int, micro: int, root: Path | None) -> str:
