@@ -63,7 +63,7 @@ rule latents:
     conda:
         "../envs/latents.yaml"
     resources:
-        gpu=config["gpu"],
+        gpu=min(config["gpu"], 1),  # one device: more GPUs would sit idle
     shell:
         "python -m idc_diffusion latents --gpus {resources.gpu} --settings {params.settings}"
         " --dataset-dir $(dirname {input.train}) --base-dir $(dirname {input.base})"

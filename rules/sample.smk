@@ -36,7 +36,7 @@ rule sample:
     conda:
         "../envs/sample.yaml"
     resources:
-        gpu=config["gpu"],
+        gpu=min(config["gpu"], 1),  # one device: more GPUs would sit idle
     shell:
         "python -m idc_diffusion sample --gpus {resources.gpu} --settings {params.settings}"
         " --shard {wildcards.sample_shard} --model-dir {params.model_dir}"

@@ -1,10 +1,21 @@
 # Checkpoints under results/model/checkpoints/ are not declared as outputs, so Snakemake
 # keeps them when a training job is interrupted and `train.resume: auto` continues there.
-# GPUs come from the resources (docs/CLUSTER.md): `--set-resources train:gpu=4` trains with
-# DDP on 4 GPUs (accelerate launch); gpu is the job's total, so `train:gpu=8 train:nodes=2`
-# runs 4 per node on two nodes of a SLURM allocation; threads are CPUs per node.
-from idc_diffusion.launch import launch_command  # src/ is on sys.path (common.smk)
+# GPUs, nodes and CPUs come from the config, never from a profile (docs/CLUSTER.md): `gpu: 4`
+# trains with DDP on 4 GPUs (accelerate launch); gpu is the job's total, so `gpu: 8` with
+# `train_nodes: 2` runs 4 per node on two nodes of a SLURM allocation; `gpu: 0` with
+# `train_cpu_processes: 2` runs DDP on the CPU. Threads are CPUs per node: each process's
+# torch threads and data-loader workers, so they scale with the GPUs.
+from idc_diffusion.launch import launch_command, train_cpus  # src/ is on sys.path (common.smk)
 
+TRAIN_GPUS, TRAIN_NODES = config["gpu"], config["train_nodes"]
+TRAIN_CPU_PROCESSES = config["train_cpu_processes"]
+TRAIN_CPUS = train_cpus(  # per node
+    TRAIN_GPUS,
+    TRAIN_NODES,
+    TRAIN_CPU_PROCESSES,
+    config["train"]["threads"],
+    config["train"]["dataloader_workers"],
+)
 
 # The base pipeline, fetched once where the network is: on SLURM a localrule runs on the
 # login node (compute nodes often have no internet). latents and train read only this
@@ -59,8 +70,17 @@ rule train:
         settings=tracked("train"),
         # resume, workers, checkpoint interval and limit, stop margin, threads: rerun nothing
         runtime=untracked("train"),
-        launch=lambda wildcards, resources, threads: launch_command(
-            int(resources.gpu), int(getattr(resources, "nodes", 1)), threads
+        # the number of training processes changes the batch, data order and LR position;
+        # how they are placed (nodes, threads) changes nothing, so the command is untracked
+        processes=TRAIN_GPUS or TRAIN_CPU_PROCESSES,
+        launch=lambda wildcards, resources, threads: Untracked(
+            launch_command(
+                int(resources.gpu),
+                int(getattr(resources, "nodes", 1)),
+                cpus=threads,  # read by the multi-node command only (srun --cpus-per-task)
+                cpu_processes=TRAIN_CPU_PROCESSES,
+                threads=config["train"]["threads"],
+            )
         ),
     log:
         "logs/train/train.log",
@@ -68,10 +88,10 @@ rule train:
         "benchmarks/train/train.tsv"
     conda:
         "../envs/train.yaml"
-    threads: config["train"]["threads"]
+    threads: TRAIN_CPUS
     resources:
-        gpu=config["gpu"],
-        nodes=1,
+        gpu=TRAIN_GPUS,
+        nodes=TRAIN_NODES,
     shell:
         "{params.launch} train --gpus {resources.gpu} --settings {params.settings}"
         " --runtime {params.runtime}"

@@ -4,7 +4,12 @@
 #   scripts/slurm_local.sh start DIR      write DIR/slurm.conf, start munged, slurmctld, slurmd
 #   scripts/slurm_local.sh stop DIR       stop the daemons started from DIR
 # After `start`, export SLURM_CONF=DIR/slurm.conf so sbatch/squeue find the cluster.
-# The node declares one fake GPU (gres on /dev/null) so GPU rules schedule.
+# The node declares one fake GPU (gres on /dev/null) so GPU rules schedule, and the size of
+# a cluster node (SLURM_LOCAL_CPUS, default 16; SLURM_LOCAL_MEM_MB, default 131072) whatever
+# the machine has, so profiles/slurm's own requests (8 CPUs for prepare, 64 GB for
+# sample) are accepted unchanged; nothing enforces them here (no cgroups), and
+# SlurmdParameters=config_overrides keeps the node up. slurmctld and slurmd listen on free
+# ports, so the cluster starts next to other services (or another test's cluster).
 # /etc/slurm/slurm.conf (and gres.conf) become links to DIR's files when absent, because
 # the Snakemake jobstep plugin drops SLURM_CONF before its inner `srun`; `stop` removes
 # the links again. A machine with its own /etc/slurm/slurm.conf is refused.
@@ -42,8 +47,15 @@ fi
 [ "$(id -u)" = 0 ] || { echo "slurm_local.sh start needs root (daemons, /etc/slurm links)" >&2; exit 1; }
 
 mkdir -p "$dir"/{state,spool,munge,log}
-cpus=$(nproc)
-mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))
+cpus=${SLURM_LOCAL_CPUS:-16}
+mem_mb=${SLURM_LOCAL_MEM_MB:-131072}
+# two free TCP ports on loopback (held together, so they differ), for slurmctld and slurmd
+read -r ctld_port slurmd_port < <(python3 -c '
+import socket
+held = [socket.socket() for _ in range(2)]
+for s in held:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in held))')
 
 # munge: a private key and socket for this cluster
 [ -f "$dir/munge/munge.key" ] || dd if=/dev/urandom of="$dir/munge/munge.key" bs=1024 count=1 status=none
@@ -70,8 +82,9 @@ SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/slurmd.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
 SlurmdLogFile=$dir/log/slurmd.log
-SlurmctldPort=16817
-SlurmdPort=16818
+SlurmctldPort=$ctld_port
+SlurmdPort=$slurmd_port
+SlurmdParameters=config_overrides
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none

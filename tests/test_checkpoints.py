@@ -134,6 +134,8 @@ def test_a_spent_time_budget_checkpoints_exits_and_resume_equals_straight_run(
               "--out-dir", str(out)])  # fmt: skip
     assert stop.value.code == 128 + BUDGET_STOP  # a failed job: Snakemake's retry resumes
     assert [step for step, _, _ in list_checkpoints(out / "checkpoints")] == [1]
+    info = json.loads((out / "checkpoints" / "checkpoint-1" / "checkpoint.json").read_text())
+    assert info["stop"] == {"reason": "time budget spent", "exit_code": 142}
     monkeypatch.delenv("SLURM_JOB_END_TIME")
     train(options, data, out, PROVENANCE)
     train(options, data, tmp_path / "straight", PROVENANCE)

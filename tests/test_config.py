@@ -79,6 +79,14 @@ def test_cross_field_rules(repo: Path, section: str, key: str, value: object, me
         validate_config(config)
 
 
+@pytest.mark.parametrize(("gpu", "nodes"), [(3, 2), (1, 2), (0, 2)])
+def test_train_nodes_must_divide_the_gpus(repo: Path, gpu: int, nodes: int) -> None:
+    config = {**_raw(repo), "gpu": gpu, "train_nodes": nodes}
+    with pytest.raises(ConfigError, match=rf"train_nodes: 2 nodes need gpu .*{gpu}.*multiple"):
+        validate_config(config)
+    validate_config({**_raw(repo), "gpu": 4, "train_nodes": 2, "train_cpu_processes": 3})
+
+
 def test_load_config_names_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("run_name: x\ncohort: {strata: []}\n")

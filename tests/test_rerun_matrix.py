@@ -98,7 +98,9 @@ EXPECTED: dict[str, tuple[frozenset[str], Change | None]] = {
     "seed": (COHORT, None),
     "n_shards": (COHORT, None),
     "local_rules": (NOTHING, setting("local_rules", ["cohort", "download"])),
-    "gpu": (NOTHING, None),
+    "gpu": (NOTHING, None),  # 0 -> 1: one training process either way
+    "train_nodes": (NOTHING, None),
+    "train_cpu_processes": (TRAIN, None),  # the demo trains on the CPU: 1 -> 2 processes
     # cohort
     "cohort.backend": (COHORT, None),
     "cohort.bigquery.project": (NOTHING, setting("cohort.bigquery.project", "billing-project")),

@@ -1,9 +1,10 @@
-"""Two-process DDP training on CPU (gloo, launched by torchrun like accelerate does)."""
+"""Two-process DDP training on CPU (gloo), started by the train rule's own launcher."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from train_fixtures import settings, write_dataset
 
+from idc_diffusion.launch import launch_command
 from idc_diffusion.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,15 +24,15 @@ def launch(data: Path, cohort: Path, out: Path, max_steps: int) -> dict:
     options = settings(
         max_steps=max_steps, train_batch_size=2, checkpointing_steps=2, ema_decay=0.9
     )
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", "29517", "-m", "idc_diffusion", "train",
-        "--settings", json.dumps(options), "--run-name", "ddp", "--dataset-dir", str(data),
-        "--cohort-dir", str(cohort), "--out-dir", str(out),
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "ACCELERATE_USE_CPU": "true",
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    # what rules/train.smk runs for gpu: 0, train_cpu_processes: 2 (accelerate on a free port)
+    command = launch_command(0, cpu_processes=2) + " " + shlex.join([
+        "train", "--settings", json.dumps(options), "--run-name", "ddp",
+        "--dataset-dir", str(data), "--cohort-dir", str(cohort), "--out-dir", str(out),
+    ])  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # fmt: skip
+    done = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "train_summary.json").read_text())
 

@@ -14,18 +14,38 @@ import torch
 
 from idc_diffusion.cli import main
 from idc_diffusion.config import ConfigError
-from idc_diffusion.launch import launch_command, require_cuda
+from idc_diffusion.launch import launch_command, require_cuda, train_cpus
 
 
 def test_one_gpu_runs_plain_python() -> None:
     assert launch_command(1) == "python -m idc_diffusion"
 
 
-def test_several_gpus_use_accelerate() -> None:
-    command = launch_command(4)
-    assert command.startswith("accelerate launch ")
+def test_several_gpus_use_accelerate_on_a_free_port() -> None:
+    command = launch_command(4, threads=3)
+    assert command.startswith("OMP_NUM_THREADS=3 accelerate launch ")  # torch threads each
     assert "--multi_gpu" in command and "--num_processes 4" in command
+    assert "--main_process_port 0 " in command  # accelerate picks a free port
     assert command.endswith("-m idc_diffusion") and "srun" not in command
+    assert "ACCELERATE_USE_CPU" not in command
+
+
+def test_cpu_processes_run_ddp_on_the_cpu() -> None:
+    command = launch_command(0, cpu_processes=2)
+    # accelerate's multi-process launcher (torchrun); ACCELERATE_USE_CPU makes it gloo on CPU
+    assert command.startswith("ACCELERATE_USE_CPU=true OMP_NUM_THREADS=1 accelerate launch ")
+    assert "--num_processes 2 --main_process_port 0 -m idc_diffusion" in command
+    assert launch_command(1, cpu_processes=2) == "python -m idc_diffusion"  # GPUs decide
+    with pytest.raises(ValueError, match="train_cpu_processes"):
+        launch_command(0, cpu_processes=0)
+
+
+def test_the_job_asks_each_process_its_threads_and_workers_per_node() -> None:
+    assert train_cpus(1, threads=4, workers=4) == 8
+    assert train_cpus(4, threads=4, workers=4) == 32  # the workers scale with the GPUs
+    assert train_cpus(8, nodes=2, threads=4, workers=4) == 32  # per node: 4 GPUs there
+    assert train_cpus(0, cpu_processes=2, threads=1, workers=0) == 2
+    assert train_cpus(0, threads=1, workers=0) == 1
 
 
 def test_several_nodes_use_an_overlapping_srun_with_the_jobs_resources() -> None:

@@ -85,6 +85,12 @@ def _check_cross_fields(config: dict) -> None:
         hi = s["max_instances"]
         if hi is not None and hi < s["min_instances"]:
             raise ConfigError(f"cohort.strata[{s['name']}]: max_instances < min_instances")
+    gpu, nodes = config["gpu"], config["train_nodes"]
+    if nodes > 1 and (gpu < nodes or gpu % nodes):
+        raise ConfigError(
+            f"train_nodes: {nodes} nodes need gpu (the train job's total, {gpu}) to be a "
+            "multiple of train_nodes: each node gets gpu / train_nodes GPUs"
+        )
     prepare = config["prepare"]
     lo, hi = prepare["slice_band"]
     if lo >= hi:

@@ -1,10 +1,12 @@
-"""The command that starts training, and the check that a GPU job got a GPU.
+"""The command that starts training, the CPUs it asks for, and the check that a GPU job got
+a GPU.
 
-Used by ``rules/train.smk`` with the rule's resources, the cluster contract of
-docs/CLUSTER.md: ``gpu`` is the job's total (the SLURM plugin asks ``--gpus=G``), spread
-evenly over ``nodes``; the rule's threads are CPUs per node, shared by that node's ranks.
-So ``--set-resources train:gpu=4`` trains with DDP on four GPUs of one node, and
-``train:gpu=8 train:nodes=2`` on four GPUs of each of two nodes.
+Used by ``rules/train.smk`` with the config's ``gpu``, ``train_nodes`` and
+``train_cpu_processes``, the cluster contract of docs/CLUSTER.md: ``gpu`` is the train job's
+total (the SLURM plugin asks ``--gpus=G``), spread evenly over ``train_nodes``; one process
+per GPU, or ``train_cpu_processes`` on the CPU when ``gpu`` is 0. The rule's threads are CPUs
+per node: each local process's torch threads plus its data-loader workers, so they grow with
+the GPUs. The profile sets neither them nor the GPUs, so these config keys never clobber it.
 """
 
 from __future__ import annotations
@@ -25,24 +27,59 @@ def gpus_per_node(gpus: int, nodes: int) -> int:
     return gpus // nodes
 
 
-def launch_command(gpus: int, nodes: int = 1, cpus: int = 1, port: int = PORT) -> str:
+def processes_per_node(gpus: int, nodes: int = 1, cpu_processes: int = 1) -> int:
+    """Training processes on each node: one per GPU, or `cpu_processes` on the CPU (gpus 0,
+    one node only)."""
+    if cpu_processes < 1:
+        raise ValueError(f"train_cpu_processes ({cpu_processes}) must be >= 1")
+    local = gpus_per_node(gpus, nodes)
+    return local if gpus > 0 else cpu_processes
+
+
+def train_cpus(
+    gpus: int, nodes: int = 1, cpu_processes: int = 1, threads: int = 1, workers: int = 0
+) -> int:
+    """CPUs per node of the train job: each local process's `threads` (torch) and `workers`
+    (data loader), so the job's CPUs, and the workers they feed, scale with the GPUs."""
+    return processes_per_node(gpus, nodes, cpu_processes) * (max(1, threads) + max(0, workers))
+
+
+def launch_command(
+    gpus: int,
+    nodes: int = 1,
+    cpus: int = 1,
+    port: int = PORT,
+    cpu_processes: int = 1,
+    threads: int = 1,
+) -> str:
     """The shell prefix that runs ``-m idc_diffusion`` on `gpus` GPUs over `nodes` nodes.
 
-    * 0 (the CPU) or 1 GPU, 1 node: ``python -m idc_diffusion``.
-    * several GPUs, 1 node: ``accelerate launch --multi_gpu --num_processes G``.
+    * one process (0 GPUs and ``cpu_processes`` 1, or 1 GPU): ``python -m idc_diffusion``.
+    * several processes, 1 node: ``accelerate launch --multi_gpu --num_processes P`` on a
+      free port (``--main_process_port 0``); on the CPU (``gpus`` 0, ``cpu_processes`` P)
+      with ``ACCELERATE_USE_CPU=true``, which makes accelerate's multi-process launcher
+      (torchrun) run DDP over gloo.
     * several nodes (inside the SLURM job): one ``accelerate launch`` per node through an
       inner ``srun --overlap`` (the executor plugin already runs the job as one
       ``srun -n1`` step holding the allocation; without ``--overlap`` the inner step would
       wait for it forever), with `cpus` CPUs and G / nodes GPUs per node; each node's rank
       is its ``SLURM_NODEID`` and the main process runs on the first host of the job.
 
+    Several processes each get ``OMP_NUM_THREADS=threads`` (the config's torch threads per
+    process; Snakemake would give each all of the job's CPUs). Only the multi-node command
+    depends on `cpus`, so a local run's ``--cores`` never changes the command (a param).
     Mixed precision is not a launcher flag here: ``train.mixed_precision`` sets it.
     """
-    local = gpus_per_node(gpus, nodes)
-    if gpus <= 1 and nodes == 1:
+    local = processes_per_node(gpus, nodes, cpu_processes)
+    if nodes == 1 and local == 1:
         return "python -m idc_diffusion"
+    omp = f"OMP_NUM_THREADS={max(1, threads)}"
     if nodes == 1:
-        return f"{ACCELERATE} --multi_gpu --num_machines 1 --num_processes {gpus} -m idc_diffusion"
+        cpu = "ACCELERATE_USE_CPU=true " if gpus == 0 else ""
+        return (
+            f"{cpu}{omp} {ACCELERATE} --multi_gpu --num_machines 1 --num_processes {local} "
+            "--main_process_port 0 -m idc_diffusion"
+        )
     per_node = (
         f"{ACCELERATE} --multi_gpu --num_machines {nodes} --num_processes {gpus} "
         f'--machine_rank "$SLURM_NODEID" --main_process_ip "$IDC_MAIN_HOST" '
@@ -50,7 +87,7 @@ def launch_command(gpus: int, nodes: int = 1, cpus: int = 1, port: int = PORT) -
     )
     return (
         'IDC_MAIN_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1) '
-        f"srun --overlap --kill-on-bad-exit=1 --nodes={nodes} --ntasks={nodes} "
+        f"{omp} srun --overlap --kill-on-bad-exit=1 --nodes={nodes} --ntasks={nodes} "
         f"--ntasks-per-node=1 --cpus-per-task={max(1, cpus)} --gpus-per-node={local} "
         f"bash -c 'exec {per_node}' idc-diffusion"
     )
@@ -73,6 +110,5 @@ def require_cuda(gpus: int) -> None:
     )
     raise ConfigError(
         f"this job asked for {gpus} GPU(s) (the rule's gpu resource) but {build}; install a "
-        "CUDA build of torch on the GPU nodes, or set the config's gpu (or the profile's "
-        "set-resources) to 0 to run on the CPU"
+        "CUDA build of torch on the GPU nodes, or set the config's gpu to 0 to run on the CPU"
     )

@@ -71,8 +71,10 @@ RUNTIME_ONLY: dict[str, tuple[str, ...]] = {
         "hub_cache",
     ),
 }
-# Top-level keys that no rule reads as a setting: where rules run and the default gpu resource.
-TOP_LEVEL_RUNTIME = ("local_rules", "gpu")
+# Top-level keys that no rule reads as a setting: where rules run, the GPU resources and the
+# train job's nodes (train tracks only its number of processes: gpu, or train_cpu_processes
+# when gpu is 0).
+TOP_LEVEL_RUNTIME = ("local_rules", "gpu", "train_nodes")
 
 # Which section each rule reads, and which of its keys (None: all of them, runtime aside).
 # prepare.latent_cache decides whether the latents rule runs, not what prepare writes;

@@ -94,12 +94,16 @@ class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite; nothing after the last checkpoint is kept."""
 
 
+def stop_reason(signum: int) -> str:
+    """What a stop code means: the job's time budget, or the signal that asked to stop."""
+    return "time budget spent" if signum == ckpt.BUDGET_STOP else f"signal {signum}"
+
+
 class TrainingInterrupted(RuntimeError):
     """A SIGTERM/SIGUSR1 or the job's time budget stopped training after a checkpoint."""
 
     def __init__(self, signum: int, step: int, folder: Path) -> None:
-        why = "time budget spent" if signum == ckpt.BUDGET_STOP else f"signal {signum}"
-        super().__init__(f"{why}: stopped after step {step}, checkpoint {folder}")
+        super().__init__(f"{stop_reason(signum)}: stopped after step {step}, checkpoint {folder}")
         self.signum, self.step, self.folder = signum, step, folder
 
 
@@ -918,12 +922,10 @@ def train(
                 accelerator.wait_for_everyone()
                 folder = root / f"{ckpt.PREFIX}{done}"
                 if accelerator.is_main_process:
-                    folder = ckpt.save_checkpoint(
-                        accelerator,
-                        root,
-                        done,
-                        {"fingerprint": print_, "layout": layout, "seconds": seconds},
-                    )
+                    info = {"fingerprint": print_, "layout": layout, "seconds": seconds}
+                    if signum and done < max_steps:  # why this run stops here, and its exit
+                        info["stop"] = {"reason": stop_reason(signum), "exit_code": 128 + signum}
+                    folder = ckpt.save_checkpoint(accelerator, root, done, info)
                     shutil.copyfile(log_path, folder / LOG_NAME)
                     ckpt.prune_checkpoints(root, settings["checkpoints_total_limit"])
                     log.info("saved %s", folder.name)
@@ -931,11 +933,10 @@ def train(
                 budget.checkpoint_took(time.perf_counter() - saving)
             if signum and done < max_steps:
                 log.warning("stop code %d (%s): stopping after step %d; resume continues from "
-                            "%s", signum, "time budget" if signum == ckpt.BUDGET_STOP else
-                            "signal", done, folder)  # fmt: skip
+                            "%s", signum, stop_reason(signum), done, folder)  # fmt: skip
                 if board is not None:
                     board.close()
-                accelerator.end_training()
+                end_distributed(accelerator)
                 raise TrainingInterrupted(signum, done, folder)
 
     accelerator.wait_for_everyone()
@@ -981,11 +982,29 @@ def train(
         save_outputs(pipeline, models, summary, settings, provenance, out_dir)
         if board is not None:
             board.close()
-    # every rank leaves together: a rank that tears its process group down while rank 0 is
-    # still saving can leave rank 0 hanging at exit (seen once with gloo on 2 CPU ranks)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_distributed(accelerator)
     return summary
+
+
+# Seconds the ranks wait, with the GIL released, before their process group can be torn down
+SETTLE_SECONDS = 1.0
+
+
+def end_distributed(accelerator: Accelerator) -> None:
+    """Every rank leaves together, and only once the process group's threads are idle.
+
+    gloo's worker threads free the last collectives (a barrier keeps the gather of the step
+    before it alive) after the ranks have moved on, and need the GIL to drop their Python
+    tensors; the process group's destructor, run with the GIL held when train() returns and
+    the DDP wrappers go, joins those threads: the rank hung there for good (seen with 2 CPU
+    ranks, one in a few runs, in ``~ProcessGroupGloo`` -> ``std::thread::join`` while a
+    worker waited for the GIL in ``~AsyncAllgatherWork``). Sleeping after the last barrier
+    hands the workers the GIL first.
+    """
+    accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        time.sleep(SETTLE_SECONDS)
+    accelerator.end_training()
 
 
 def non_finite_message(value: float, step: int, micro: int, root: Path | None) -> str:
