@@ -100,7 +100,8 @@ def sbatch(workdir: Path, *argv: str, profile: Path = PROFILE) -> dict[str, dict
                     jobstep.get_gpu_setting(job),
                     jobstep.get_node_setting(job),
                 ],
-                "params": dict(job.params.items()),
+                # as the shell sees them (train's launch line is an Untracked value)
+                "params": {k: str(v) for k, v in job.params.items()},
             }
     return found
 
