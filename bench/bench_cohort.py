@@ -73,10 +73,10 @@ def _timed(cmd: list[str]) -> tuple[float, float, float]:
 
 def _baseline_queries() -> dict[str, list[str]]:
     """The SQL our DuckDB backend runs per stratum, over idc-index's `index` table."""
-    from idc_diffusion.cohort import select_strata
-    from idc_diffusion.cohort_spec import DUCKDB, license_counts_sql, stratum_steps
-    from idc_diffusion.config import load_config
-    from idc_diffusion.idc_index import DuckDBIndex, bundled_index, human_collections
+    from idc_diffusion.cohort.filter_sql import DUCKDB, license_counts_sql, stratum_steps
+    from idc_diffusion.cohort.idc_index import DuckDBIndex, bundled_index, human_collections
+    from idc_diffusion.cohort.selection import select_strata
+    from idc_diffusion.core.config import load_config
 
     cfg = load_config(CONFIG)
     files = bundled_index()
@@ -106,9 +106,13 @@ def run() -> dict:
         candidate_cmd = [sys.executable, "-m", "idc_diffusion", "cohort", "--config"]
         candidate_cmd += [str(CONFIG), "--out-dir", str(out)]
         baseline_cmd = [sys.executable, "-c", BASELINE, str(qfile), str(bfile)]
-        from idc_diffusion.idc_index import bundled_index
+        from idc_diffusion.cohort.idc_index import bundled_index
 
-        import_cmd = [sys.executable, "-c", "import idc_diffusion.cli, idc_diffusion.cohort"]
+        import_cmd = [
+            sys.executable,
+            "-c",
+            "import idc_diffusion.cli, idc_diffusion.cohort.selection",
+        ]
         decode_cmd = [sys.executable, "-c", DECODE, str(bundled_index().series)]
         decode_cmd.append(",".join(FILTER_COLUMNS))
         cand, base, imports, decode = [], [], [], []

@@ -29,9 +29,9 @@ sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
 
 from s3_server import moto_process  # noqa: E402
 
-from idc_diffusion import s5cmd  # noqa: E402
-from idc_diffusion.download import download_shard  # noqa: E402
-from idc_diffusion.synthetic import write_synthetic_series  # noqa: E402
+from idc_diffusion.download import s5cmd  # noqa: E402
+from idc_diffusion.download.shard import download_shard  # noqa: E402
+from idc_diffusion.download.synthetic import write_synthetic_series  # noqa: E402
 
 BUCKET = "idc-open-data"
 TOTAL_MB = int(os.environ.get("BENCH_DOWNLOAD_MB", "2048"))  # the 2 GB shard

@@ -19,7 +19,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src")]
 
-from idc_diffusion.metrics import fid_kid_from_features, frechet_distance  # noqa: E402
+from idc_diffusion.evaluate.metrics import fid_kid_from_features, frechet_distance  # noqa: E402
 
 DIM = 2048
 N = 1000
@@ -56,7 +56,7 @@ def run() -> dict:
         "title": "FID of 2048-d features (interval building block)",
         "what": f"FID of {N} vs {N} {DIM}-d features, median of {ROUNDS}",
         "baseline": {"label": "torchmetrics FrechetInceptionDistance.compute", "value": base_s},
-        "candidate": {"label": "idc_diffusion.metrics.frechet_distance", "value": ours_s},
+        "candidate": {"label": "idc_diffusion.evaluate.metrics.frechet_distance", "value": ours_s},
         "unit": "s",
         "higher_is_better": False,
         "ratio": ratio,

@@ -3,7 +3,7 @@ selected slices only) against a naive pydicom + PIL loop producing the same PNGs
 
 The shard is synthetic CT (512x512 int16, RescaleIntercept -1024, axial geometry, file names
 unrelated to slice order): one phantom series from
-:func:`~idc_diffusion.synthetic.write_synthetic_series`, cloned under new Series/Study/SOP
+:func:`~idc_diffusion.download.synthetic.write_synthetic_series`, cloned under new Series/Study/SOP
 UIDs so generation stays cheap (generation is not timed). Settings are the ``prepare``
 section of config/config.yaml: 8 slices per series in the 10-90 % band, CHEST -> lung and
 mediastinum windows, 512 px output, so every selected slice gives two PNGs.
@@ -36,9 +36,9 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from idc_diffusion.config import load_config  # noqa: E402
-from idc_diffusion.prepare import prepare_shard, select_indices  # noqa: E402
-from idc_diffusion.synthetic import instance_file_name, write_synthetic_series  # noqa: E402
+from idc_diffusion.core.config import load_config  # noqa: E402
+from idc_diffusion.download.synthetic import instance_file_name, write_synthetic_series  # noqa: E402
+from idc_diffusion.prepare.shard import prepare_shard, select_indices  # noqa: E402
 
 N_SERIES = int(os.environ.get("BENCH_PREPARE_SERIES", "48"))
 N_SLICES = int(os.environ.get("BENCH_PREPARE_SLICES", "80"))  # files per series

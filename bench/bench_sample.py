@@ -2,7 +2,7 @@
 
 Baseline: what a first script does — ``StableDiffusionPipeline.from_pretrained(folder)``
 (default attention) moved to the device, then one pipeline call per image with its own
-seeded generator. Candidate: :func:`idc_diffusion.sampling.load_pipeline` (SDPA; bf16 on a
+seeded generator. Candidate: :func:`idc_diffusion.sample.generate.load_pipeline` (SDPA; bf16 on a
 GPU, float32 on CPU; optional ``torch.compile``) and :func:`generate` on ``batch`` images per
 call. Both use the same dtype (the candidate's), model, scheduler (DPM-Solver++), steps,
 guidance, prompts and seeds, each after one warm-up call: the ratio is batching's, not bf16's.
@@ -29,14 +29,14 @@ for _path in (SRC, Path(__file__).resolve().parent):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from idc_diffusion.models import build_tiny_pipeline  # noqa: E402
-from idc_diffusion.sampling import (  # noqa: E402
+from idc_diffusion.sample.generate import (  # noqa: E402
     SampleJob,
     generate,
     load_pipeline,
     plan_jobs,
     set_scheduler,
 )
+from idc_diffusion.train.models import build_tiny_pipeline  # noqa: E402
 
 PROMPTS = [
     "CT of the chest, axial slice, lung window",

@@ -32,10 +32,10 @@ from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from PIL import Image
 
-from idc_diffusion import latent_cache
-from idc_diffusion.models import load_base_pipeline
-from idc_diffusion.train_data import load_image, read_split, tokenize
-from idc_diffusion.training import DEFAULTS, train
+from idc_diffusion.train import latent_cache
+from idc_diffusion.train.fine_tune import DEFAULTS, train
+from idc_diffusion.train.models import load_base_pipeline
+from idc_diffusion.train.train_data import load_image, read_split, tokenize
 
 CAPTIONS = ("CT of the chest, axial slice, lung window", "MR of the brain, axial slice")
 

@@ -22,7 +22,7 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/machine.txt"
 $py - <<'EOF' 2>&1 | tee -a "$out/machine.txt" || exit 3
 import accelerate, diffusers, torch, transformers
-import idc_diffusion.cli, idc_diffusion.training  # noqa: F401  (fails fast on a missing dep)
+import idc_diffusion.cli, idc_diffusion.train.fine_tune  # noqa: F401  (fails fast on a missing dep)
 print(f"torch {torch.__version__} cuda {torch.version.cuda} diffusers {diffusers.__version__} "
       f"transformers {transformers.__version__} accelerate {accelerate.__version__}")
 assert torch.cuda.is_available(), "no CUDA device visible"

@@ -42,7 +42,7 @@ from bench_train import (
     write_images,
 )
 
-from idc_diffusion.models import TINY, build_tiny_pipeline, build_tiny_tokenizer
+from idc_diffusion.train.models import TINY, build_tiny_pipeline, build_tiny_tokenizer
 
 # Dense (no sparsity) tensor-core peak TFLOP/s per GPU model and precision, from the vendor
 # data sheets; "no" is float32 matmuls on TF32 tensor cores (train enables TF32). The

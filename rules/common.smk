@@ -7,9 +7,9 @@ from pathlib import Path
 SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))
 
-from idc_diffusion.base_model import BASE_MODEL_DIR, ModelError, check_base_model  # noqa: E402
-from idc_diffusion.config import ConfigError, validate_config  # noqa: E402
-from idc_diffusion.rerun import rule_settings, tracked_config  # noqa: E402
+from idc_diffusion.train.base_model import BASE_MODEL_DIR, ModelError, check_base_model  # noqa: E402
+from idc_diffusion.core.config import ConfigError, validate_config  # noqa: E402
+from idc_diffusion.core.rerun import rule_settings, tracked_config  # noqa: E402
 
 try:
     validate_config(config)
@@ -42,7 +42,7 @@ wildcard_constraints:
     sample_shard=r"\d+",
 
 
-# What reruns a job (src/idc_diffusion/rerun.py): a rule's tracked params carry only the
+# What reruns a job (src/idc_diffusion/core/rerun.py): a rule's tracked params carry only the
 # settings that change its outputs (`tracked`); the ones that change only how a job runs
 # (workers, retries, intervals, gates) reach its command as `--runtime`, in a params value
 # Snakemake passes but never compares (`untracked`): changing one reruns nothing.

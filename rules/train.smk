@@ -5,7 +5,7 @@
 # `train_nodes: 2` runs 4 per node on two nodes of a SLURM allocation; `gpu: 0` with
 # `train_cpu_processes: 2` runs DDP on the CPU. Threads are CPUs per node: each process's
 # torch threads and data-loader workers, so they scale with the GPUs.
-from idc_diffusion.launch import launch_command, train_cpus  # src/ is on sys.path (common.smk)
+from idc_diffusion.train.launch import launch_command, train_cpus  # src/ is on sys.path (common.smk)
 
 TRAIN_GPUS, TRAIN_NODES = config["gpu"], config["train_nodes"]
 TRAIN_CPU_PROCESSES = config["train_cpu_processes"]
@@ -21,7 +21,7 @@ TRAIN_CPUS = train_cpus(  # per node
 # login node (compute nodes often have no internet). latents and train read only this
 # folder, never the hub; manifest.json records source, resolved commit, license, digests.
 # For `tiny` it is the seeded tiny SD-2 pipeline whose VAE is first fitted on the train split
-# and frozen: the demo's stand-in for SD 2.1's pretrained VAE (src/idc_diffusion/tiny_base.py).
+# and frozen: the demo's stand-in for SD 2.1's pretrained VAE (src/idc_diffusion/train/tiny_base.py).
 localrules:
     base_model,
     model_card,

@@ -17,7 +17,7 @@ import torch
 from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from idc_diffusion.models import SD21_BASE_SCHEDULER, build_tiny_pipeline
+from idc_diffusion.train.models import SD21_BASE_SCHEDULER, build_tiny_pipeline
 
 VARIANTS = ("sd2-base", "sd2-768", "sd1")
 SD1_WIDTH = 48  # the SD 1.x stand-in's text width (32 in the SD 2 stand-ins)

@@ -25,7 +25,7 @@ from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery
 
-from idc_diffusion.bigquery_backend import SERIES_COLUMNS
+from idc_diffusion.cohort.bigquery_backend import SERIES_COLUMNS
 
 PROJECT = "test-project"
 LAUNCHER = Path(__file__).with_name("bq_emulator.py")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from idc_diffusion.config import load_config
+from idc_diffusion.core.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

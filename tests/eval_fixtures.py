@@ -78,7 +78,7 @@ class FakeRun:
 
     def evaluate(self, settings: dict, run_name: str = "fake") -> dict:
         """The evaluate stage on this run's folders, with `settings` as the config section."""
-        from idc_diffusion.evaluation import evaluate
+        from idc_diffusion.evaluate.evaluation import evaluate
 
         config = {"run_name": run_name, "evaluate": settings}
         return evaluate(

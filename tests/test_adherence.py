@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from idc_diffusion.adherence import (
+from idc_diffusion.evaluate.adherence import (
     accuracy,
     confusion_matrix,
     field_adherence,

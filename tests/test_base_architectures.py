@@ -14,9 +14,9 @@ from base_fixtures import SD1_WIDTH, VARIANTS, tiny_variant
 from diffusers import StableDiffusionPipeline
 from train_fixtures import CAPTIONS, settings, write_dataset
 
-from idc_diffusion.base_model import fetch_base_model
-from idc_diffusion.sampling import sample_shard
-from idc_diffusion.training import train
+from idc_diffusion.sample.generate import sample_shard
+from idc_diffusion.train.base_model import fetch_base_model
+from idc_diffusion.train.fine_tune import train
 
 EXPECTED = {  # what tells the architectures apart, and must survive fine-tuning
     "sd2-base": {"prediction": "epsilon", "scheduler": "PNDMScheduler", "width": 32,

@@ -15,7 +15,7 @@ import pytest
 from hub_server import Repo, hub_server
 from huggingface_hub import constants
 
-from idc_diffusion.base_model import (
+from idc_diffusion.train.base_model import (
     ModelError,
     check_base_model,
     check_pipeline_folder,
@@ -24,8 +24,8 @@ from idc_diffusion.base_model import (
     pipeline_problems,
     select_pipeline_files,
 )
-from idc_diffusion.model_card import base_license
-from idc_diffusion.models import build_tiny_pipeline, load_base_pipeline
+from idc_diffusion.train.model_card import base_license
+from idc_diffusion.train.models import build_tiny_pipeline, load_base_pipeline
 
 REPO_ID = "lab/tiny-sd"
 CARD = "---\nlicense: openrail++\ntags:\n- stable-diffusion\n---\n# tiny SD 2 stand-in\n"

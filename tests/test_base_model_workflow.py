@@ -14,8 +14,8 @@ import yaml
 from conftest import REPO, snakemake
 from hub_server import Repo, hub_server
 
-from idc_diffusion.base_model import select_pipeline_files
-from idc_diffusion.models import build_tiny_pipeline
+from idc_diffusion.train.base_model import select_pipeline_files
+from idc_diffusion.train.models import build_tiny_pipeline
 
 pytestmark = pytest.mark.workflow
 

@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 from bq_fixtures import PROJECT, client, emulator, instance_rows, seed
 
-from idc_diffusion.bigquery_backend import SERIES_COLUMNS, BigQueryIndex, series_sql
-from idc_diffusion.cohort import run_cohort, select_strata
-from idc_diffusion.cohort_spec import BIGQUERY, DUCKDB
-from idc_diffusion.idc_index import bundled_index
+from idc_diffusion.cohort.bigquery_backend import SERIES_COLUMNS, BigQueryIndex, series_sql
+from idc_diffusion.cohort.filter_sql import BIGQUERY, DUCKDB
+from idc_diffusion.cohort.idc_index import bundled_index
+from idc_diffusion.cohort.selection import run_cohort, select_strata
 
 INDEX = bundled_index()
 DATASET = f"{PROJECT}.idc_test"

@@ -3,7 +3,7 @@
 import pytest
 from dicom_factory import prepare_settings
 
-from idc_diffusion.captions import (
+from idc_diffusion.core.captions import (
     age_band,
     body_part_text,
     caption_fields,

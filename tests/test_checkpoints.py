@@ -17,7 +17,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from train_fixtures import settings, write_dataset
 
-from idc_diffusion.checkpoints import (
+from idc_diffusion.cli import main
+from idc_diffusion.train.checkpoints import (
     BUDGET_STOP,
     StopSignals,
     TimeBudget,
@@ -25,8 +26,7 @@ from idc_diffusion.checkpoints import (
     parse_squeue_time,
     slurm_end_time,
 )
-from idc_diffusion.cli import main
-from idc_diffusion.training import NonFiniteLoss, train
+from idc_diffusion.train.fine_tune import NonFiniteLoss, train
 
 ROOT = Path(__file__).resolve().parents[1]
 PROVENANCE = {"cohort_summary": {"licenses": {"CC BY 4.0": 1}}, "pixel_source": "synthetic"}

@@ -50,9 +50,9 @@ def test_latents_encode_the_train_and_heldout_splits_once(tmp_path: Path) -> Non
     import torch
     from train_fixtures import settings, write_dataset
 
-    from idc_diffusion.latent_cache import cache_fingerprint, cache_problem
-    from idc_diffusion.models import build_tiny_pipeline
-    from idc_diffusion.train_data import read_split
+    from idc_diffusion.train.latent_cache import cache_fingerprint, cache_problem
+    from idc_diffusion.train.models import build_tiny_pipeline
+    from idc_diffusion.train.train_data import read_split
 
     data = write_dataset(tmp_path / "data", train=5, val=2)
     result = run_cli(

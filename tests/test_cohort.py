@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from idc_diffusion.cohort import EmptyCohortError, build_cohort, run_cohort, select_strata
-from idc_diffusion.cohort_spec import CohortSpecError
-from idc_diffusion.download_plan import DiskBudgetError
-from idc_diffusion.idc_index import bundled_index
-from idc_diffusion.splits import patient_keys, shard_of
+from idc_diffusion.cohort.download_plan import DiskBudgetError
+from idc_diffusion.cohort.filter_sql import CohortSpecError
+from idc_diffusion.cohort.idc_index import bundled_index
+from idc_diffusion.cohort.selection import EmptyCohortError, build_cohort, run_cohort, select_strata
+from idc_diffusion.cohort.splits import patient_keys, shard_of
 
 INDEX = bundled_index()
 

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from idc_diffusion.config import SCHEMA_PATH, ConfigError, load_config, parse_yaml, validate_config
+from idc_diffusion.core.config import (
+    SCHEMA_PATH,
+    ConfigError,
+    load_config,
+    parse_yaml,
+    validate_config,
+)
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "demo.yaml"])

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 from dicom_factory import ct_phantom, prepare_settings, write_volume
 
-from idc_diffusion.dataset import build_imagefolder
-from idc_diffusion.prepare import prepare_shard
+from idc_diffusion.prepare.dataset import build_imagefolder
+from idc_diffusion.prepare.shard import prepare_shard
 
 
 def make_shard(root, k, series):

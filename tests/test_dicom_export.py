@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from pydicom.uid import SecondaryCaptureImageStorage
 
-from idc_diffusion.dicom_export import (
+from idc_diffusion.sample.dicom_export import (
     RunInfo,
     read_generation_parameters,
     secondary_capture,

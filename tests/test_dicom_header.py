@@ -20,10 +20,11 @@ from pydicom.uid import ImplicitVRLittleEndian
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, STANDARD_VR
 from s3_server import moto_s3
 
-from idc_diffusion import download, verify
-from idc_diffusion.dicom_header import LONG_VRS, SHORT_VRS, Header, read_head, read_header
-from idc_diffusion.synthetic import write_synthetic_series
-from idc_diffusion.verify import check_file, fast_check, pydicom_check
+from idc_diffusion.download import shard as download
+from idc_diffusion.download import verify
+from idc_diffusion.download.dicom_header import LONG_VRS, SHORT_VRS, Header, read_head, read_header
+from idc_diffusion.download.synthetic import write_synthetic_series
+from idc_diffusion.download.verify import check_file, fast_check, pydicom_check
 
 SERIES = "1.2.826.0.1.3680043.8.498.55.1"
 ROW = {

@@ -14,12 +14,12 @@ import pydicom
 import pytest
 from s3_server import moto_s3
 
-from idc_diffusion import s5cmd
-from idc_diffusion.download import CHECK_BATCH, PARTIAL, download_shard
-from idc_diffusion.progress import human_bytes
-from idc_diffusion.s5cmd import CopyJob, build_manifest, find_s5cmd
-from idc_diffusion.synthetic import write_synthetic_series
-from idc_diffusion.verify import verify_series
+from idc_diffusion.core.progress import human_bytes
+from idc_diffusion.download import s5cmd
+from idc_diffusion.download.s5cmd import CopyJob, build_manifest, find_s5cmd
+from idc_diffusion.download.shard import CHECK_BATCH, PARTIAL, download_shard
+from idc_diffusion.download.synthetic import write_synthetic_series
+from idc_diffusion.download.verify import verify_series
 
 BUCKET = "idc-open-data"
 MATRIX = 32

@@ -12,10 +12,10 @@ import pytest
 from s3_server import free_port, moto_s3
 from test_download import BUCKET, MATRIX, by_uid, cohort_row, settings
 
-from idc_diffusion import s5cmd
-from idc_diffusion.download import DownloadFailed, download_shard, failed_report_path
-from idc_diffusion.progress import Progress, Snapshot, format_line, human_bytes
-from idc_diffusion.synthetic import write_synthetic_series
+from idc_diffusion.core.progress import Progress, Snapshot, format_line, human_bytes
+from idc_diffusion.download import s5cmd
+from idc_diffusion.download.shard import DownloadFailed, download_shard, failed_report_path
+from idc_diffusion.download.synthetic import write_synthetic_series
 
 GOOD = [cohort_row(str(i), "CT", 2) for i in range(11, 16)]
 ABSENT = cohort_row("19", "CT", 2)

@@ -16,10 +16,10 @@ from pydicom.data import get_testdata_file
 from s3_server import faulty_s3, moto_s3
 from test_download import BUCKET, MATRIX, by_uid, cohort_row, settings
 
-from idc_diffusion import s5cmd
-from idc_diffusion.download import PARTIAL, S5CMD_DIR, download_shard
-from idc_diffusion.synthetic import write_synthetic_series
-from idc_diffusion.verify import verify_series
+from idc_diffusion.download import s5cmd
+from idc_diffusion.download.shard import PARTIAL, S5CMD_DIR, download_shard
+from idc_diffusion.download.synthetic import write_synthetic_series
+from idc_diffusion.download.verify import verify_series
 
 ROW = cohort_row("31", "CT", 2)
 GOOD = cohort_row("32", "CT", 2)

@@ -18,8 +18,8 @@ import pytest
 from s3_server import moto_process
 from test_download import BUCKET, by_uid, cohort_row, settings
 
-from idc_diffusion.download import PARTIAL, download_shard
-from idc_diffusion.synthetic import write_synthetic_series
+from idc_diffusion.download.shard import PARTIAL, download_shard
+from idc_diffusion.download.synthetic import write_synthetic_series
 
 N_SERIES, PER_SERIES = 40, 2
 ROWS = [cohort_row(str(100 + i), "CT", PER_SERIES) for i in range(N_SERIES)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from idc_diffusion.ema import EMA, ema_decay
+from idc_diffusion.train.ema import EMA, ema_decay
 
 
 def test_decay_warms_up_to_its_ceiling() -> None:

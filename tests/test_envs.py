@@ -86,8 +86,8 @@ def own_imports(tree: ast.AST) -> tuple[set[str], set[str], set[str]]:
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names = [node.module]
-            if node.module == "idc_diffusion":
-                names = [f"idc_diffusion.{a.name}" for a in node.names]
+            if node.module.startswith("idc_diffusion"):  # a name may be a module of the package
+                names += [f"{node.module}.{a.name}" for a in node.names]
         for name in names:
             if name.startswith("idc_diffusion"):
                 ours.add(name)

@@ -12,9 +12,9 @@ from eval_fixtures import blob_image, write_fake_run
 from PIL import Image
 
 from idc_diffusion.cli import main
-from idc_diffusion.evaluation import fill_settings
-from idc_diffusion.features import RandomConvFeatures
-from idc_diffusion.report import SECTION_IDS
+from idc_diffusion.evaluate.evaluation import fill_settings
+from idc_diffusion.evaluate.features import RandomConvFeatures
+from idc_diffusion.evaluate.report import SECTION_IDS
 
 SETTINGS = {
     "feature_extractor": {"kind": "random", "seed": 0},
@@ -312,7 +312,7 @@ def test_fill_settings_defaults() -> None:
 
 def test_base_model_samples_get_every_metric_and_adherence(tmp_path) -> None:
     run = write_fake_run(tmp_path)
-    from idc_diffusion.evaluation import evaluate
+    from idc_diffusion.evaluate.evaluation import evaluate
 
     # the "base model" here is the same sample folder: its block must equal the fine-tuned one
     metrics = evaluate(

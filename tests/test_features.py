@@ -10,7 +10,7 @@ import torch
 from eval_fixtures import blob_tensor, tiny_feature_net
 from torch import nn
 
-from idc_diffusion.features import (
+from idc_diffusion.evaluate.features import (
     INCEPTION_INSTALL,
     INCEPTION_PACKAGE,
     INCEPTION_SHA256,
@@ -151,7 +151,7 @@ def test_safetensors_features_load_weights_into_factory(tmp_path) -> None:
     with pytest.raises(ValueError, match="no_such_module"):
         build_extractor({**spec, "module": "no_such_module:f"})
     with pytest.raises(ValueError, match="do not fit"):
-        build_extractor({**spec, "module": "idc_diffusion.features:RandomConvFeatures"})
+        build_extractor({**spec, "module": "idc_diffusion.evaluate.features:RandomConvFeatures"})
 
 
 inception_wheel = pytest.mark.skipif(

@@ -4,8 +4,13 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
-from idc_diffusion.captions import caption_fields, caption_rng, clip_token_count, render_caption
-from idc_diffusion.geometry import (
+from idc_diffusion.core.captions import (
+    caption_fields,
+    caption_rng,
+    clip_token_count,
+    render_caption,
+)
+from idc_diffusion.prepare.geometry import (
     axis_fractions,
     center_crop,
     fit_square,
@@ -15,7 +20,7 @@ from idc_diffusion.geometry import (
     resample_to_fov,
     third_of,
 )
-from idc_diffusion.windowing import (
+from idc_diffusion.prepare.windowing import (
     apply_lut,
     composite_to_uint8,
     lut_from_item,

@@ -16,9 +16,9 @@ import torch
 from safetensors import safe_open
 from train_fixtures import own_precision, settings, write_dataset
 
-from idc_diffusion import latent_cache
 from idc_diffusion.cli import main
-from idc_diffusion.training import train
+from idc_diffusion.train import latent_cache
+from idc_diffusion.train.fine_tune import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

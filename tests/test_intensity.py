@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from idc_diffusion.intensity import (
+from idc_diffusion.evaluate.intensity import (
     gray_histogram,
     group_key,
     intensity_fidelity,

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from test_download import MATRIX, by_uid, cohort_row, settings
 
-from idc_diffusion import local_source
-from idc_diffusion.download import download_shard
-from idc_diffusion.synthetic import write_synthetic_series
+from idc_diffusion.download import local_source
+from idc_diffusion.download.shard import download_shard
+from idc_diffusion.download.synthetic import write_synthetic_series
 
 A, B, C = cohort_row("31", "CT", 3), cohort_row("32", "MR", 2), cohort_row("33", "CT", 2)
 ABSENT = cohort_row("34", "CT", 2)

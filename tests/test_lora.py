@@ -11,8 +11,8 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 from train_fixtures import own_precision, settings, write_dataset
 
-from idc_diffusion.models import build_tiny_pipeline
-from idc_diffusion.training import train
+from idc_diffusion.train.fine_tune import train
+from idc_diffusion.train.models import build_tiny_pipeline
 
 PROVENANCE = {"cohort_summary": {"licenses": {"CC BY-NC 4.0": 2}}, "pixel_source": "synthetic"}
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from idc_diffusion.loss_weighting import min_snr_weights, offset_noise, snr, weighted_mse
-from idc_diffusion.models import SD21_BASE_SCHEDULER
+from idc_diffusion.train.loss_weighting import min_snr_weights, offset_noise, snr, weighted_mse
+from idc_diffusion.train.models import SD21_BASE_SCHEDULER
 
 
 def test_snr_matches_alphas() -> None:

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from collections import Counter
 
-from idc_diffusion.matching import match_by_prompt, per_caption_cap, subset_indices, unmatched
+from idc_diffusion.evaluate.matching import (
+    match_by_prompt,
+    per_caption_cap,
+    subset_indices,
+    unmatched,
+)
 
 
 def test_the_reviewers_case_compares_like_with_like() -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from eval_fixtures import blob_tensor, noise_tensor
 
-from idc_diffusion.memorization import audit, calibrate, nearest_train, shown_pairs
+from idc_diffusion.evaluate.memorization import audit, calibrate, nearest_train, shown_pairs
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,13 @@ import pytest
 import torch
 from eval_fixtures import blob_tensor, noise_tensor
 
-from idc_diffusion.features import (
+from idc_diffusion.evaluate.features import (
     INCEPTION_INSTALL,
     INCEPTION_PACKAGE,
     InceptionFeatures,
     RandomConvFeatures,
 )
-from idc_diffusion.metrics import (
+from idc_diffusion.evaluate.metrics import (
     compare_sets,
     extract_features,
     fid_interval,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from idc_diffusion.models import (
+from idc_diffusion.train.models import (
     ModelError,
     build_tiny_pipeline,
     check_pipeline_folder,

@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-from idc_diffusion.attention import configure_attention
-from idc_diffusion.models import build_tiny_pipeline
+from idc_diffusion.train.attention import configure_attention
+from idc_diffusion.train.models import build_tiny_pipeline
 
 
 def overflowing_attention() -> tuple[Attention, torch.Tensor]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from idc_diffusion.owner import LOCK_NAME, FolderBusy, identity, owned, slurm_job_alive
+from idc_diffusion.core.owner import LOCK_NAME, FolderBusy, identity, owned, slurm_job_alive
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from idc_diffusion.prdc import knn_radii, prdc
+from idc_diffusion.evaluate.prdc import knn_radii, prdc
 
 
 def test_knn_radii_on_a_line() -> None:

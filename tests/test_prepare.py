@@ -19,8 +19,8 @@ from dicom_factory import (
 )
 from PIL import Image
 
-from idc_diffusion.imaging import foreground_fraction, resize_square, write_png
-from idc_diffusion.prepare import (
+from idc_diffusion.prepare.imaging import foreground_fraction, resize_square, write_png
+from idc_diffusion.prepare.shard import (
     RECORD_DTYPES,
     REJECTED_DTYPES,
     prepare_shard,

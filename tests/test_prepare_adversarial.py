@@ -26,14 +26,14 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless
 from test_prepare import cohort_row, ok
 
-from idc_diffusion.dataset import build_imagefolder
-from idc_diffusion.prepare import (
+from idc_diffusion.prepare.dataset import build_imagefolder
+from idc_diffusion.prepare.series import MAX_FRAME_PIXELS
+from idc_diffusion.prepare.shard import (
     band_candidates,
     nearest_candidates,
     prepare_shard,
     select_indices,
 )
-from idc_diffusion.series import MAX_FRAME_PIXELS
 
 SIZE = 32
 WATER = (SIZE // 2, SIZE // 4)  # water disc, outside the bone square: HU == slice k

@@ -9,7 +9,7 @@ from dicom_factory import ct_phantom, prepare_settings, write_volume
 from PIL import Image
 from test_prepare import cohort_row, ok
 
-from idc_diffusion.prepare import prepare_shard
+from idc_diffusion.prepare.shard import prepare_shard
 
 
 def _shard(tmp_path, n_series=3, n_slices=6, size=32):

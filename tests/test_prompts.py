@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from idc_diffusion.prompts import PromptError, grid_prompts, read_prompts
+from idc_diffusion.sample.prompts import PromptError, grid_prompts, read_prompts
 
 CAPTION = {
     "separator": ", ",

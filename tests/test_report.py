@@ -7,7 +7,7 @@ import re
 import numpy as np
 from eval_fixtures import CITATIONS, COHORT_SUMMARY
 
-from idc_diffusion.report import (
+from idc_diffusion.evaluate.report import (
     SECTION_IDS,
     confusion_png,
     image_rows_png,

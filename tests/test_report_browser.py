@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO, snakemake
 from eval_fixtures import write_fake_run
 
-from idc_diffusion.report import SECTION_IDS
+from idc_diffusion.evaluate.report import SECTION_IDS
 
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = next(

@@ -4,7 +4,7 @@ Every key of config/schema.yaml (walked recursively, so a key added later is cov
 expectation in EXPECTED; a key without one fails. Each change is made in a config written
 next to a hard-linked copy of the finished demo (the suite's demo run) and dry-run
 (`snakemake -n`): the rules planned must be exactly the expected ones. Settings that change
-no output (idc_diffusion.rerun.RUNTIME_ONLY) must plan nothing; they are checked together in
+no output (idc_diffusion.core.rerun.RUNTIME_ONLY) must plan nothing; they are checked together in
 one dry run, and one by one only when that fails.
 
 A dry run plans every job downstream of one that reruns; a real run can stop earlier when
@@ -30,8 +30,8 @@ import pytest
 import yaml
 from conftest import BIN, REPO
 
-from idc_diffusion.config import load_config
-from idc_diffusion.rerun import RUNTIME_ONLY, TOP_LEVEL_RUNTIME
+from idc_diffusion.core.config import load_config
+from idc_diffusion.core.rerun import RUNTIME_ONLY, TOP_LEVEL_RUNTIME
 
 pytestmark = pytest.mark.workflow
 
@@ -444,7 +444,7 @@ def test_every_config_key_has_an_expectation() -> None:
 
 
 def test_runtime_only_settings_are_the_ones_expected_to_rerun_nothing() -> None:
-    """idc_diffusion.rerun's list and this test's expectations agree (the dry runs below
+    """idc_diffusion.core.rerun's list and this test's expectations agree (the dry runs below
     check that Snakemake does what both say)."""
     runtime = {f"{section}.{key}" for section, keys in RUNTIME_ONLY.items() for key in keys}
     expected_nothing = {key for key, (rules, _) in EXPECTED.items() if not rules}

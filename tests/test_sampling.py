@@ -17,10 +17,9 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
 from idc_diffusion.cli import main
-from idc_diffusion.config import load_config
-from idc_diffusion.dicom_export import read_generation_parameters, to_grayscale
-from idc_diffusion.models import ModelError, build_tiny_pipeline
-from idc_diffusion.sampling import (
+from idc_diffusion.core.config import load_config
+from idc_diffusion.sample.dicom_export import read_generation_parameters, to_grayscale
+from idc_diffusion.sample.generate import (
     MANIFEST_COLUMNS,
     SCHEDULERS,
     PromptError,
@@ -35,6 +34,7 @@ from idc_diffusion.sampling import (
     set_scheduler,
     shard_jobs,
 )
+from idc_diffusion.train.models import ModelError, build_tiny_pipeline
 
 CAPTIONS = [
     "CT of the chest, axial slice, lung window",

@@ -22,8 +22,7 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEG2000Lossless
 
-from idc_diffusion.prepare import ALL_IMAGE_SOP_CLASSES
-from idc_diffusion.series import (
+from idc_diffusion.prepare.series import (
     ScanRules,
     SliceError,
     codestream_size,
@@ -32,6 +31,7 @@ from idc_diffusion.series import (
     read_series,
     scan_series,
 )
+from idc_diffusion.prepare.shard import ALL_IMAGE_SOP_CLASSES
 
 SIZE = 32
 WATER = (SIZE // 2, SIZE // 4)  # water disc outside the bone square: HU == slice number

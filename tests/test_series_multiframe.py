@@ -17,7 +17,7 @@ from dicom_factory import (
 )
 from pydicom.dataset import Dataset
 
-from idc_diffusion.series import (
+from idc_diffusion.prepare.series import (
     SliceError,
     _open,
     decode_frame,

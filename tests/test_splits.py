@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from idc_diffusion.splits import assign_splits, patient_keys, shard_of, split_of, unit_hash
+from idc_diffusion.cohort.splits import assign_splits, patient_keys, shard_of, split_of, unit_hash
 
 FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 

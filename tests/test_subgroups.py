@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from idc_diffusion.metrics import frechet_distance
-from idc_diffusion.subgroups import caption_index, subgroup_metrics
+from idc_diffusion.evaluate.metrics import frechet_distance
+from idc_diffusion.evaluate.subgroups import caption_index, subgroup_metrics
 
 
 def test_caption_index_keeps_first_fields() -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from idc_diffusion.synthetic import SYNTHETIC_LABEL, region_of, write_synthetic_series
+from idc_diffusion.download.synthetic import SYNTHETIC_LABEL, region_of, write_synthetic_series
 
 
 def make_row(**overrides) -> dict:

@@ -10,10 +10,10 @@ import torch
 from diffusers import StableDiffusionPipeline
 from train_fixtures import CAPTIONS, settings, write_dataset
 
-from idc_diffusion import training
-from idc_diffusion.models import build_tiny_pipeline
-from idc_diffusion.text_embeddings import BATCH, TextEmbeddingCache
-from idc_diffusion.train_data import tokenize
+from idc_diffusion.train import fine_tune as training
+from idc_diffusion.train.models import build_tiny_pipeline
+from idc_diffusion.train.text_embeddings import BATCH, TextEmbeddingCache
+from idc_diffusion.train.train_data import tokenize
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,17 @@ import pytest
 import torch
 from train_fixtures import settings, write_dataset
 
-from idc_diffusion.base_model import fetch_base_model
 from idc_diffusion.cli import main
-from idc_diffusion.hashing import file_sha256
-from idc_diffusion.latent_cache import encode_moments
-from idc_diffusion.models import build_tiny_pipeline, check_pipeline_folder, load_base_pipeline
-from idc_diffusion.tiny_base import fit_vae, latent_scaling_factor, reconstruction_error
-from idc_diffusion.train_data import load_images, read_split
+from idc_diffusion.core.hashing import file_sha256
+from idc_diffusion.train.base_model import fetch_base_model
+from idc_diffusion.train.latent_cache import encode_moments
+from idc_diffusion.train.models import (
+    build_tiny_pipeline,
+    check_pipeline_folder,
+    load_base_pipeline,
+)
+from idc_diffusion.train.tiny_base import fit_vae, latent_scaling_factor, reconstruction_error
+from idc_diffusion.train.train_data import load_images, read_split
 
 FAST = {"steps": 3, "batch_size": 4, "learning_rate": 2e-3, "kl_weight": 1e-4}
 
@@ -90,7 +94,7 @@ def test_training_reads_the_base_folder(data: Path, tmp_path: Path) -> None:
     base = tmp_path / "base_model"
     args = ["--dataset-dir", str(data), "--resolution", "32", "--out-dir", str(base)]
     assert main(["base-model", "--settings", json.dumps(settings(tiny_vae=FAST)), *args]) == 0
-    from idc_diffusion.training import train
+    from idc_diffusion.train.fine_tune import train
 
     out = tmp_path / "model"
     train(settings(max_steps=1), data, out, {"run_name": "t"}, base_dir=base)

@@ -11,11 +11,10 @@ import torch
 from diffusers import DDPMScheduler, PNDMScheduler, StableDiffusionPipeline
 from train_fixtures import settings, write_dataset, write_split
 
-from idc_diffusion import models, training
-from idc_diffusion.checkpoints import fingerprint, list_checkpoints
-from idc_diffusion.models import SD21_BASE_SCHEDULER, ModelError, build_tiny_pipeline
-from idc_diffusion.train_data import BatchStream, batch_indices, read_split
-from idc_diffusion.training import (
+from idc_diffusion.train import fine_tune as training
+from idc_diffusion.train import models
+from idc_diffusion.train.checkpoints import fingerprint, list_checkpoints
+from idc_diffusion.train.fine_tune import (
     enable_tf32,
     heldout_loss,
     place_models,
@@ -23,6 +22,8 @@ from idc_diffusion.training import (
     train,
     with_defaults,
 )
+from idc_diffusion.train.models import SD21_BASE_SCHEDULER, ModelError, build_tiny_pipeline
+from idc_diffusion.train.train_data import BatchStream, batch_indices, read_split
 
 PROVENANCE = {
     "cohort_summary": {"idc_version": "v25", "licenses": {"CC BY 4.0": 3}},
@@ -91,7 +92,7 @@ def test_resume_log_starts_after_checkpoint(data: Path, tmp_path: Path, caplog) 
         handle.write(json.dumps({"step": 3, "loss": 9.0}) + "\n")
     train(settings(max_steps=3), data, out, PROVENANCE)
     (out / "train_log.jsonl").unlink()
-    with caplog.at_level("INFO", logger="idc_diffusion.training"):
+    with caplog.at_level("INFO", logger="idc_diffusion.train.fine_tune"):
         train(settings(max_steps=4), data, out, PROVENANCE)
     assert "resuming from checkpoint-3 (step 3)" in caplog.text
     assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
@@ -101,7 +102,7 @@ def test_resume_log_starts_after_checkpoint(data: Path, tmp_path: Path, caplog) 
 def test_changed_settings_discard_checkpoints(data: Path, tmp_path: Path, caplog) -> None:
     out = tmp_path / "model"
     train(settings(max_steps=2), data, out, PROVENANCE)
-    with caplog.at_level("INFO", logger="idc_diffusion.checkpoints"):
+    with caplog.at_level("INFO", logger="idc_diffusion.train.checkpoints"):
         train(settings(max_steps=2, learning_rate=5e-4), data, out, PROVENANCE)
     assert "deleting checkpoint" in caplog.text
     assert [r["step"] for r in read_log(out)] == [1, 2]

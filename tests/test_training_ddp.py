@@ -14,8 +14,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from train_fixtures import settings, write_dataset
 
-from idc_diffusion.launch import launch_command
-from idc_diffusion.training import train
+from idc_diffusion.train.fine_tune import train
+from idc_diffusion.train.launch import launch_command
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,10 +12,10 @@ import torch
 from safetensors import safe_open
 from train_fixtures import own_precision, settings, write_dataset
 
-from idc_diffusion import latent_cache
-from idc_diffusion.models import build_tiny_pipeline
-from idc_diffusion.train_data import load_images, read_split
-from idc_diffusion.training import train
+from idc_diffusion.train import latent_cache
+from idc_diffusion.train.fine_tune import train
+from idc_diffusion.train.models import build_tiny_pipeline
+from idc_diffusion.train.train_data import load_images, read_split
 
 PROVENANCE = {"cohort_summary": {"licenses": {"CC BY 4.0": 1}}, "pixel_source": "synthetic"}
 

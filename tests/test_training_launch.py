@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from idc_diffusion.cli import main
-from idc_diffusion.config import ConfigError
-from idc_diffusion.launch import launch_command, require_cuda, train_cpus
+from idc_diffusion.core.config import ConfigError
+from idc_diffusion.train.launch import launch_command, require_cuda, train_cpus
 
 
 def test_one_gpu_runs_plain_python() -> None:

@@ -9,9 +9,9 @@ import pytest
 import torch
 from train_fixtures import settings, write_dataset
 
-from idc_diffusion import training
-from idc_diffusion.train_data import seeded_generator
-from idc_diffusion.training import draw_batch, draw_noise, train, with_defaults
+from idc_diffusion.train import fine_tune as training
+from idc_diffusion.train.fine_tune import draw_batch, draw_noise, train, with_defaults
+from idc_diffusion.train.train_data import seeded_generator
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="installed")

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from train_fixtures import settings, write_dataset
 
-from idc_diffusion.models import build_tiny_pipeline
-from idc_diffusion.training import train
-from idc_diffusion.validation import grid, save_validation_grid
+from idc_diffusion.train.fine_tune import train
+from idc_diffusion.train.models import build_tiny_pipeline
+from idc_diffusion.train.validation import grid, save_validation_grid
 
 PROVENANCE = {"cohort_summary": {"licenses": {"CC BY 4.0": 1}}, "pixel_source": "synthetic"}
 PROMPTS = ["CT of the chest, axial slice", "MR of the brain"]

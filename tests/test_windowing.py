@@ -5,7 +5,7 @@ import pytest
 from pydicom.multival import MultiValue
 from pydicom.valuerep import DSfloat
 
-from idc_diffusion.windowing import (
+from idc_diffusion.prepare.windowing import (
     apply_modality_lut,
     first_value,
     invert_if_monochrome1,

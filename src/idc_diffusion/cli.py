@@ -20,9 +20,9 @@ from typing import Any
 
 import pandas as pd
 
-from idc_diffusion.config import ConfigError, load_config
-from idc_diffusion.owner import FolderBusy, owned
-from idc_diffusion.rerun import merge
+from idc_diffusion.core.config import ConfigError, load_config
+from idc_diffusion.core.owner import FolderBusy, owned
+from idc_diffusion.core.rerun import merge
 
 log = logging.getLogger("idc_diffusion")
 BASE_DIR_HELP = "the base_model stage's folder (what rules pass); default: train.base_model"
@@ -38,7 +38,7 @@ def _settings(args: argparse.Namespace, section: str) -> dict:
     """The stage's config section: from --settings JSON (rules) or --config YAML (by hand).
 
     Rules pass the settings that change the stage's outputs as --settings and the ones that
-    only change how the job runs as --runtime (idc_diffusion.rerun); merged back here.
+    only change how the job runs as --runtime (idc_diffusion.core.rerun); merged back here.
     """
     if args.config:
         return _config_file(args.config)[section]
@@ -61,13 +61,13 @@ def _shard_rows(cohort: Path, shard: int) -> pd.DataFrame:
 
 
 def _writer(out_dir: Path) -> contextlib.AbstractContextManager:
-    """The output folder's owner lock (:mod:`idc_diffusion.owner`), held by the process that
+    """The output folder's owner lock (:mod:`idc_diffusion.core.owner`), held by the process that
     writes it: rank 0 under a DDP launch."""
     return owned(out_dir) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
 
 
 def cmd_cohort(args: argparse.Namespace) -> None:
-    from idc_diffusion.cohort import run_cohort
+    from idc_diffusion.cohort.selection import run_cohort
 
     run_cohort(
         _settings(args, "cohort"),
@@ -79,7 +79,7 @@ def cmd_cohort(args: argparse.Namespace) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> None:
-    from idc_diffusion.download import (
+    from idc_diffusion.download.shard import (
         DownloadFailed,
         DownloadInterrupted,
         download_shard,
@@ -107,7 +107,7 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from idc_diffusion.prepare import prepare_shard
+    from idc_diffusion.prepare.shard import prepare_shard
 
     rows = _shard_rows(Path(args.cohort), args.shard)
     report = json.loads(Path(args.report).read_text())
@@ -123,7 +123,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_dataset(args: argparse.Namespace) -> None:
-    from idc_diffusion.dataset import build_imagefolder
+    from idc_diffusion.prepare.dataset import build_imagefolder
 
     build_imagefolder(
         [Path(p) for p in args.shards], Path(args.out_dir), [Path(p) for p in args.reports]
@@ -131,7 +131,7 @@ def cmd_dataset(args: argparse.Namespace) -> None:
 
 
 def cmd_base_model(args: argparse.Namespace) -> None:
-    from idc_diffusion.base_model import base_settings, fetch_base_model, pin_snippet
+    from idc_diffusion.train.base_model import base_settings, fetch_base_model, pin_snippet
 
     settings = base_settings(_settings(args, "train"))
     resolution = args.resolution
@@ -150,9 +150,9 @@ def cmd_latents(args: argparse.Namespace) -> None:
     require_cuda(args.gpus)
     import torch
 
-    from idc_diffusion.latent_cache import cache_fingerprint, write_latent_cache
-    from idc_diffusion.models import load_base_pipeline
-    from idc_diffusion.training import WEIGHT_DTYPES, load_splits, with_defaults
+    from idc_diffusion.train.fine_tune import WEIGHT_DTYPES, load_splits, with_defaults
+    from idc_diffusion.train.latent_cache import cache_fingerprint, write_latent_cache
+    from idc_diffusion.train.models import load_base_pipeline
 
     settings = with_defaults(_settings(args, "train"))
     train_split, heldout, resolution = load_splits(settings, Path(args.dataset_dir))
@@ -171,7 +171,7 @@ def cmd_latents(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     require_cuda(args.gpus)
-    from idc_diffusion.training import TrainingInterrupted, train
+    from idc_diffusion.train.fine_tune import TrainingInterrupted, train
 
     base_dir = Path(args.base_dir) if args.base_dir else None
     latent_dir = Path(args.latent_dir) if args.latent_dir else None
@@ -191,7 +191,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_model_card(args: argparse.Namespace) -> None:
-    from idc_diffusion.model_card import write_model_card
+    from idc_diffusion.train.model_card import write_model_card
 
     cohort_dir = Path(args.cohort_dir)
     provenance = {
@@ -215,7 +215,7 @@ def cmd_model_card(args: argparse.Namespace) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     require_cuda(args.gpus)
-    from idc_diffusion.sampling import sample_shard
+    from idc_diffusion.sample.generate import sample_shard
 
     settings = _settings(args, "sample")
     whole = _config_file(args.config) if args.config else None
@@ -236,7 +236,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_sample_manifest(args: argparse.Namespace) -> None:
-    from idc_diffusion.sampling import merge_manifests
+    from idc_diffusion.sample.generate import merge_manifests
 
     whole = _config_file(args.config) if args.config else None
     export = args.dicom_export
@@ -252,7 +252,7 @@ def cmd_sample_manifest(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from idc_diffusion.evaluation import evaluate
+    from idc_diffusion.evaluate.evaluation import evaluate
 
     run_config = _config_file(args.config) if args.config else json.loads(args.run_config)
     evaluate(
@@ -269,7 +269,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def require_cuda(gpus: int) -> None:
     """launch.require_cuda, imported only by the GPU stages (it needs torch)."""
-    from idc_diffusion.launch import require_cuda as check
+    from idc_diffusion.train.launch import require_cuda as check
 
     check(gpus)
 

@@ -1,0 +1,11 @@
+"""Stage 6, evaluate: generated samples against the prepared dataset.
+
+Reads both sample manifests, ``results/dataset/`` and the ``evaluate`` section. Writes
+``results/eval/metrics.json``, ``results/eval/report.html`` (self-contained) and
+``results/eval/figures/``.
+
+Entry point: :func:`idc_diffusion.evaluate.evaluation.evaluate`. ``features`` extracts image
+features; ``metrics`` (FID/KID with intervals, ``prdc``, MS-SSIM diversity), ``adherence``,
+``intensity``, ``subgroups``, ``matching`` and ``memorization`` compute the numbers;
+``report`` renders them.
+"""

@@ -1,0 +1,13 @@
+"""Stage 4, train: the base model, then fine-tuning Stable Diffusion 2.x on the dataset.
+
+Reads ``results/dataset/`` and the ``train`` section. Writes ``results/base_model/`` (the
+``base_model`` rule: ``base_model``, ``models``; ``tiny_base`` fits the demo's VAE), the VAE
+latent cache (the ``latents`` rule: ``latent_cache``), ``results/model/`` (a diffusers
+pipeline), ``train_log.jsonl``, ``train_summary.json`` and ``checkpoints/`` (the ``train``
+rule) and ``results/model/model_card.md`` (the ``model_card`` rule: ``model_card``).
+
+Entry point: :func:`idc_diffusion.train.fine_tune.train` (``launch`` builds the command that
+starts it under accelerate). Its parts: ``train_data`` (batches), ``text_embeddings``,
+``attention``, ``lora``, ``ema``, ``loss_weighting``, ``checkpoints`` (resume, stop signals,
+time budget) and ``validation`` (image grids during training).
+"""
