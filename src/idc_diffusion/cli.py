@@ -300,11 +300,8 @@ def _add_settings(parser: argparse.ArgumentParser, runtime: bool = False) -> Non
         )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="idc-diffusion", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="stage", required=True)
-
+def _add_cohort_commands(sub: argparse._SubParsersAction) -> None:
+    """Add the cohort stage's command."""
     p = sub.add_parser("cohort", help="select series from the IDC index; split and shard them")
     _add_settings(p, runtime=True)
     p.add_argument("--seed", type=int, help="overrides the config's seed")
@@ -317,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_cohort)
 
+
+def _add_download_commands(sub: argparse._SubParsersAction) -> None:
+    """Add the download stage's command."""
     p = sub.add_parser("download", help="fetch, link or synthesise one shard's series; verify them")
     _add_settings(p, runtime=True)
     p.add_argument("--cohort", default="results/cohort/cohort.parquet")
@@ -325,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", required=True, help="results/dicom/shard-K.json")
     p.set_defaults(func=cmd_download)
 
+
+def _add_prepare_commands(sub: argparse._SubParsersAction) -> None:
+    """Add the prepare stage's commands: one shard, then the merged dataset."""
     p = sub.add_parser("prepare", help="window, select slices and caption one shard")
     _add_settings(p)
     p.add_argument("--cohort", default="results/cohort/cohort.parquet")
@@ -341,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="results/dataset")
     p.set_defaults(func=cmd_dataset)
 
+
+def _add_train_commands(sub: argparse._SubParsersAction) -> None:
+    """Add the train stage's commands: base model, latent cache, fine-tuning, model card."""
     p = sub.add_parser(
         "base-model", help="fetch (hub id), copy (folder) or build (tiny) the base pipeline"
     )
@@ -391,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="default: MODEL_DIR/model_card.md")
     p.set_defaults(func=cmd_model_card)
 
+
+def _add_sample_commands(sub: argparse._SubParsersAction) -> None:
+    """Add the sample stage's commands: one shard, then the merged manifest."""
     p = sub.add_parser("sample", help="generate one sample shard's images")
     _add_settings(p)
     p.add_argument("--shard", type=int, default=0)
@@ -418,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-name", help="names the synthetic DICOM patient (default: config's)")
     p.set_defaults(func=cmd_sample_manifest)
 
+
+def _add_evaluate_commands(sub: argparse._SubParsersAction) -> None:
+    """Add the evaluate stage's command."""
     p = sub.add_parser("evaluate", help="metrics.json and report.html")
     _add_settings(p)
     p.add_argument("--run-config", default="{}", help="the whole config as JSON (provenance)")
@@ -431,6 +443,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cohort-dir", default="results/cohort")
     p.add_argument("--out-dir", default="results/eval")
     p.set_defaults(func=cmd_evaluate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="idc-diffusion", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="stage", required=True)
+    _add_cohort_commands(sub)
+    _add_download_commands(sub)
+    _add_prepare_commands(sub)
+    _add_train_commands(sub)
+    _add_sample_commands(sub)
+    _add_evaluate_commands(sub)
     return parser
 
 
