@@ -38,7 +38,8 @@ sys.path.insert(0, str(REPO / "src"))
 
 from idc_diffusion.core.config import load_config  # noqa: E402
 from idc_diffusion.download.synthetic import instance_file_name, write_synthetic_series  # noqa: E402
-from idc_diffusion.prepare.shard import prepare_shard, select_indices  # noqa: E402
+from idc_diffusion.prepare.shard import prepare_shard  # noqa: E402
+from idc_diffusion.prepare.slice_selection import select_indices  # noqa: E402
 
 N_SERIES = int(os.environ.get("BENCH_PREPARE_SERIES", "48"))
 N_SLICES = int(os.environ.get("BENCH_PREPARE_SLICES", "80"))  # files per series

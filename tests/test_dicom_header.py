@@ -20,8 +20,8 @@ from pydicom.uid import ImplicitVRLittleEndian
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, STANDARD_VR
 from s3_server import moto_s3
 
+from idc_diffusion.download import fetch, verify
 from idc_diffusion.download import shard as download
-from idc_diffusion.download import verify
 from idc_diffusion.download.dicom_header import LONG_VRS, SHORT_VRS, Header, read_head, read_header
 from idc_diffusion.download.synthetic import write_synthetic_series
 from idc_diffusion.download.verify import check_file, fast_check, pydicom_check
@@ -290,13 +290,13 @@ def test_random_header_damage_never_passes_what_pydicom_rejects(tmp_path):
 def test_download_checks_each_landed_file_once(tmp_path, monkeypatch):
     """More files than a verification batch: every file is checked once while it lands, and
     the series check reuses all those results."""
-    count = download.CHECK_BATCH + 5
+    count = fetch.CHECK_BATCH + 5
     row = dict(ROW, instanceCount=count, aws_bucket="idc-open-data")
     row["crdc_series_uuid"] = "00000000-0000-4000-8000-000000000055"
     paths = write_synthetic_series(row, tmp_path / "source", matrix=8)
     landed, rechecked = [], []
     monkeypatch.setattr(
-        download, "check_file", lambda p, uid, listed: landed.append(p) or check_file(p, uid)
+        fetch, "check_file", lambda p, uid, listed: landed.append(p) or check_file(p, uid)
     )
     monkeypatch.setattr(verify, "check_file", lambda p, uid, listed: rechecked.append(p))
     settings = {"source": "idc", "provider": "custom", "retries": 0, "s5cmd_workers": 4}

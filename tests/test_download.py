@@ -16,8 +16,10 @@ from s3_server import moto_s3
 
 from idc_diffusion.core.progress import human_bytes
 from idc_diffusion.download import s5cmd
+from idc_diffusion.download.fetch import CHECK_BATCH
 from idc_diffusion.download.s5cmd import CopyJob, build_manifest, find_s5cmd
-from idc_diffusion.download.shard import CHECK_BATCH, PARTIAL, download_shard
+from idc_diffusion.download.shard import download_shard
+from idc_diffusion.download.staging import PARTIAL
 from idc_diffusion.download.synthetic import write_synthetic_series
 from idc_diffusion.download.verify import verify_series
 

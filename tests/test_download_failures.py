@@ -14,7 +14,8 @@ from test_download import BUCKET, MATRIX, by_uid, cohort_row, settings
 
 from idc_diffusion.core.progress import Progress, Snapshot, format_line, human_bytes
 from idc_diffusion.download import s5cmd
-from idc_diffusion.download.shard import DownloadFailed, download_shard, failed_report_path
+from idc_diffusion.download.report import failed_report_path
+from idc_diffusion.download.shard import DownloadFailed, download_shard
 from idc_diffusion.download.synthetic import write_synthetic_series
 
 GOOD = [cohort_row(str(i), "CT", 2) for i in range(11, 16)]

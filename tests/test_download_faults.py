@@ -17,7 +17,9 @@ from s3_server import faulty_s3, moto_s3
 from test_download import BUCKET, MATRIX, by_uid, cohort_row, settings
 
 from idc_diffusion.download import s5cmd
-from idc_diffusion.download.shard import PARTIAL, S5CMD_DIR, download_shard
+from idc_diffusion.download.fetch import S5CMD_DIR
+from idc_diffusion.download.shard import download_shard
+from idc_diffusion.download.staging import PARTIAL
 from idc_diffusion.download.synthetic import write_synthetic_series
 from idc_diffusion.download.verify import verify_series
 

@@ -18,7 +18,8 @@ import pytest
 from s3_server import moto_process
 from test_download import BUCKET, by_uid, cohort_row, settings
 
-from idc_diffusion.download.shard import PARTIAL, download_shard
+from idc_diffusion.download.shard import download_shard
+from idc_diffusion.download.staging import PARTIAL
 from idc_diffusion.download.synthetic import write_synthetic_series
 
 N_SERIES, PER_SERIES = 40, 2

@@ -20,12 +20,8 @@ from dicom_factory import (
 from PIL import Image
 
 from idc_diffusion.prepare.imaging import foreground_fraction, resize_square, write_png
-from idc_diffusion.prepare.shard import (
-    RECORD_DTYPES,
-    REJECTED_DTYPES,
-    prepare_shard,
-    select_indices,
-)
+from idc_diffusion.prepare.shard import RECORD_DTYPES, REJECTED_DTYPES, prepare_shard
+from idc_diffusion.prepare.slice_selection import select_indices
 
 SIZE = 32
 WATER = (SIZE // 2, SIZE // 4)  # water disc, outside the bone square: HU == original slice k

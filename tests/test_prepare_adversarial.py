@@ -27,11 +27,11 @@ from pydicom.uid import JPEG2000Lossless
 from test_prepare import cohort_row, ok
 
 from idc_diffusion.prepare.dataset import build_imagefolder
-from idc_diffusion.prepare.series import MAX_FRAME_PIXELS
-from idc_diffusion.prepare.shard import (
+from idc_diffusion.prepare.shard import prepare_shard
+from idc_diffusion.prepare.slice_header import MAX_FRAME_PIXELS
+from idc_diffusion.prepare.slice_selection import (
     band_candidates,
     nearest_candidates,
-    prepare_shard,
     select_indices,
 )
 

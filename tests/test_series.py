@@ -20,7 +20,8 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless
 
-from idc_diffusion.prepare.series import load_slices, plane_name, read_series, scan_series
+from idc_diffusion.prepare.geometry import plane_name
+from idc_diffusion.prepare.series import load_slices, read_series, scan_series
 
 SIZE = 32
 WATER = (SIZE // 2, SIZE // 4)  # inside the disc, outside the bone square: HU == slice number

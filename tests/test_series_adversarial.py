@@ -22,16 +22,11 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEG2000Lossless
 
-from idc_diffusion.prepare.series import (
-    ScanRules,
-    SliceError,
-    codestream_size,
-    load_slices,
-    read_frames,
-    read_series,
-    scan_series,
-)
+from idc_diffusion.prepare.frames import read_frames
+from idc_diffusion.prepare.pixel_data import codestream_size
+from idc_diffusion.prepare.series import load_slices, read_series, scan_series
 from idc_diffusion.prepare.shard import ALL_IMAGE_SOP_CLASSES
+from idc_diffusion.prepare.slice_header import ScanRules, SliceError
 
 SIZE = 32
 WATER = (SIZE // 2, SIZE // 4)  # water disc outside the bone square: HU == slice number

@@ -17,15 +17,9 @@ from dicom_factory import (
 )
 from pydicom.dataset import Dataset
 
-from idc_diffusion.prepare.series import (
-    SliceError,
-    _open,
-    decode_frame,
-    load_slices,
-    read_frames,
-    read_series,
-    scan_series,
-)
+from idc_diffusion.prepare.frames import open_dataset, read_frames
+from idc_diffusion.prepare.series import decode_frame, load_slices, read_series, scan_series
+from idc_diffusion.prepare.slice_header import SliceError
 
 SIZE = 16
 BUNDLED_DIR = Path(pydicom.data.__file__).parent / "test_files"  # offline, no downloads
@@ -161,7 +155,7 @@ def test_every_bundled_image_decodes_or_is_rejected_with_a_reason():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                ds = _open(path)
+                ds = open_dataset(path)
                 try:
                     headers, _, _ = read_frames(path)
                 except SliceError as exc:

@@ -8,7 +8,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from idc_diffusion.download.synthetic import SYNTHETIC_LABEL, region_of, write_synthetic_series
+from idc_diffusion.download.phantom import region_of
+from idc_diffusion.download.synthetic import SYNTHETIC_LABEL, write_synthetic_series
 
 
 def make_row(**overrides) -> dict:

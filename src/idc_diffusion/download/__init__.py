@@ -5,6 +5,9 @@ Writes ``results/dicom/shard-{k}/<SeriesInstanceUID>/*.dcm`` and ``results/dicom
 (the status of every series).
 
 Entry point: :func:`idc_diffusion.download.shard.download_shard`. Bytes come from IDC's
-buckets with ``s5cmd``, from a folder (``local_source``) or from phantoms (``synthetic``);
-``verify`` checks each series (``dicom_header`` reads the fields it needs).
+buckets with ``s5cmd`` (``fetch`` runs the attempts), from a folder (``local_source``) or from
+phantoms (``synthetic`` writes the DICOM files, ``phantom`` draws their pixels); ``verify``
+checks each series (``dicom_header`` reads the fields it needs), ``staging`` moves verified
+series from ``.partial`` into place, ``report`` writes the shard's status and ``rows`` reads
+the cohort fields the stage needs.
 """

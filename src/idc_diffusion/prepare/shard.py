@@ -55,7 +55,6 @@ import numpy as np
 import pandas as pd
 
 from idc_diffusion.cohort.filter_sql import IMAGE_SOP_CLASSES
-from idc_diffusion.core import captions
 from idc_diffusion.core.captions import (
     CLIP_MAX_TOKENS,
     caption_fields,
@@ -66,38 +65,22 @@ from idc_diffusion.core.captions import (
     validate_parts,
 )
 from idc_diffusion.core.rows import cell
-from idc_diffusion.download.verify import series_files
 from idc_diffusion.prepare.collection_terms import collection_terms
+from idc_diffusion.prepare.delivered import check_dicom_present, download_rejections
+from idc_diffusion.prepare.display_windows import Window, render, series_windows, voi_window
 from idc_diffusion.prepare.geometry import axis_fractions, center_crop, resample_to_fov, third_of
 from idc_diffusion.prepare.imaging import foreground_fraction, resize_square, write_png
-from idc_diffusion.prepare.series import (
-    MAX_FRAME_PIXELS,
-    ScanRules,
-    SeriesScan,
-    SliceHeader,
-    load_slices,
-    scan_series,
-)
-from idc_diffusion.prepare.windowing import (
-    Lut,
-    composite_to_uint8,
-    invert_if_monochrome1,
-    lut_to_uint8,
-    normalise_to_uint8,
-    percentile_range,
-    pick,
-    window_to_uint8,
-)
+from idc_diffusion.prepare.series import SeriesScan, SeriesVolume, load_slices, scan_series
+from idc_diffusion.prepare.slice_header import MAX_FRAME_PIXELS, ScanRules, SliceHeader
+from idc_diffusion.prepare.slice_selection import choose_slices
+from idc_diffusion.prepare.table_rows import CAPTION_FIELDS, record_row, rejection_row, typed_frame
 
 log = logging.getLogger(__name__)
 
 CT_BODY_HU = -500.0
 DISPLAY_FOREGROUND_LEVEL = 10.0
 PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "RF", "XA"})
-STATS_MAX_SLICES = 32
 ALL_IMAGE_SOP_CLASSES = frozenset(uid for uids in IMAGE_SOP_CLASSES.values() for uid in uids)
-# the caption fields records carry; the window has its own columns
-CAPTION_FIELDS = tuple(f for f in captions.CAPTION_FIELDS if f != "window")
 
 RECORD_DTYPES: dict[str, str] = {
     "file_name": "string",
@@ -131,93 +114,6 @@ REJECTED_DTYPES: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class Window:
-    """How one output image of a slice is made from its values."""
-
-    name: str  # record's window name: a CT preset, "voi" or "percentile"
-    center: float | None  # linear window (CT preset or VOI); None for percentile
-    width: float | None
-    low: float | None = None  # percentile range; None for linear windows
-    high: float | None = None
-    caption: str | None = None  # caption's {window} field; only CT presets have one
-    lut: Lut | None = None  # VOI LUT Sequence item ("voi_lut")
-    composite: tuple[tuple[float, float], ...] | None = None  # RGB channels' windows
-    voi_index: int | None = None  # which of the file's VOI windows/LUTs was used
-
-
-def select_indices(n: int, k: int, band: Sequence[float] = (0.0, 1.0)) -> list[int]:
-    """k slice indices of an n-slice stack at the centres of k equal sub-bands of `band`."""
-    return sorted(band_candidates(n, k, band))
-
-
-def band_candidates(n: int, k: int, band: Sequence[float] = (0.0, 1.0)) -> dict[int, list[int]]:
-    """The slice at the centre of each of k equal sub-bands of `band` (n-slice stack), with
-    the other slices of its sub-band nearest first: what replaces it if it fails to decode."""
-    if n <= 0:
-        return {}
-    lo, hi = band
-    edges = (lo + (hi - lo) * np.arange(k + 1) / k) * (n - 1)
-    centres = (lo + (hi - lo) * (np.arange(k) + 0.5) / k) * (n - 1)
-    out: dict[int, list[int]] = {}
-    for j, centre in enumerate(centres):
-        first = int(np.clip(np.rint(centre), 0, n - 1))
-        inside = range(max(0, int(np.ceil(edges[j]))), min(n - 1, int(np.floor(edges[j + 1]))) + 1)
-        rest = sorted((i for i in inside if i != first), key=lambda i: (abs(i - centre), i))
-        out.setdefault(first, rest)
-    return out
-
-
-def nearest_candidates(fractions: np.ndarray, wanted: Sequence[float]) -> dict[int, list[int]]:
-    """The slice nearest to each wanted fraction, with the slices nearer to that fraction
-    than to any other wanted one, nearest first."""
-    wanted = np.asarray(wanted, dtype=float)
-    owner = np.argmin(np.abs(fractions[:, None] - wanted[None, :]), axis=1)
-    out: dict[int, list[int]] = {}
-    for w, target in enumerate(wanted):
-        mine = sorted(np.flatnonzero(owner == w), key=lambda i: (abs(fractions[i] - target), i))
-        first = int(np.argmin(np.abs(fractions - target)))
-        out.setdefault(first, [int(i) for i in mine if i != first])
-    return out
-
-
-def ct_windows(body_part: str | None, settings: Mapping[str, Any]) -> list[Window]:
-    """The CT presets configured for a body part (``default`` for any other)."""
-    table = settings["ct_windows"]
-    names = table.get((body_part or "").strip().upper(), table["default"])
-    presets = settings["window_presets"]
-    composite = settings.get("ct_composite")
-    if composite:
-        channels = tuple(
-            (float(presets[n]["center"]), float(presets[n]["width"])) for n in composite
-        )
-        label = "/".join(composite) + " composite"
-        return [Window("composite", None, None, caption=label, composite=channels)]
-    return [
-        Window(name, float(presets[name]["center"]), float(presets[name]["width"]), caption=name)
-        for name in names
-    ]
-
-
-def percentile_window(values: np.ndarray, percentiles: Sequence[float]) -> Window:
-    """A 'percentile' window spanning the given percentiles of `values`."""
-    low, high = percentile_range(values, *percentiles)
-    return Window("percentile", None, None, low=low, high=high)
-
-
-def render(values: np.ndarray, window: Window, photometric: str) -> np.ndarray:
-    """One slice's values through a window to display uint8 (MONOCHROME1 inverted)."""
-    if window.composite is not None:
-        image = composite_to_uint8(values, window.composite)
-    elif window.lut is not None:
-        image = lut_to_uint8(values, window.lut)
-    elif window.center is not None and window.width is not None:
-        image = window_to_uint8(values, window.center, window.width)
-    else:
-        image = normalise_to_uint8(values, window.low or 0.0, window.high or 0.0)
-    return invert_if_monochrome1(image, photometric)
-
-
 def is_projection(modality: str | None, scan: SeriesScan) -> bool:
     """Projection radiographs: CR/DX-like modality, or no slice geometry at all."""
     no_geometry = bool(np.all(np.isnan(scan.positions_mm)))
@@ -229,43 +125,6 @@ def body_fraction(values: np.ndarray, display: np.ndarray, modality: str | None)
     if (modality or "").upper() == "CT":
         return foreground_fraction(values, CT_BODY_HU)
     return foreground_fraction(display, DISPLAY_FOREGROUND_LEVEL)
-
-
-def _reject(
-    uid: str,
-    reason: str,
-    stage: str,
-    file: str | None = None,
-    index: int | None = None,
-    category: str = "series",
-) -> dict:
-    return {
-        "SeriesInstanceUID": uid,
-        "file": file,
-        "slice_index": index,
-        "stage": stage,
-        "reason": reason,
-        "category": category,
-    }
-
-
-def choose_slices(
-    scan: SeriesScan, projection: bool, settings: Mapping[str, Any]
-) -> dict[int, list[int]]:
-    """Sorted-stack indices of the slices to render, each with its replacements in order
-    (see the module docstring, step 2)."""
-    n, k = len(scan.slices), int(settings["slices_per_series"])
-    mode = settings.get("slice_selection", "band")
-    if projection or mode == "uniform":
-        return band_candidates(n, k)
-    if mode == "positions":
-        fractions = axis_fractions(scan.positions_mm)
-        if np.all(np.isfinite(fractions)):
-            return nearest_candidates(fractions, settings.get("slice_positions") or [0.5])
-        return band_candidates(n, k)  # no extent along the normal: fall back to uniform
-    if mode != "band":
-        raise ValueError(f"prepare.slice_selection: unknown mode {mode!r}")
-    return band_candidates(n, k, settings["slice_band"])
 
 
 def to_output(
@@ -295,32 +154,25 @@ def scan_rules(settings: Mapping[str, Any]) -> ScanRules:
     )
 
 
-def _stats_indices(n: int) -> list[int]:
-    return select_indices(n, min(n, STATS_MAX_SLICES))
+@dataclass(frozen=True)
+class SeriesJob:
+    """What every slice of one series shares when its images are made and recorded."""
 
-
-def voi_window(header: SliceHeader, settings: Mapping[str, Any]) -> Window | None:
-    """A file's own display window: its VOI LUT Sequence item, else its WindowCenter/Width
-    (number ``voi_index``, the last when there are fewer); None when it has neither."""
-    index = int(settings.get("voi_index", 0))
-    lut = pick(header.voi_luts, index)
-    if lut is not None:
-        return Window("voi_lut", None, None, lut=lut[1], voi_index=lut[0])
-    voi = pick(header.windows, index)
-    if voi is not None:
-        return Window("voi", voi[1][0], voi[1][1], voi_index=voi[0])
-    return None
-
-
-def series_windows(
-    modality: str, body_part: str | None, scan: SeriesScan, settings: Mapping[str, Any]
-) -> list[Window]:
-    """The windows of a series' slices that are not shown with their own VOI window: the
-    CT presets, else percentiles of the volume (see the module docstring)."""
-    if modality == "CT":
-        return ct_windows(body_part, settings)
-    stats = load_slices(scan, _stats_indices(len(scan.slices))).volume
-    return [percentile_window(stats, settings["mr_percentiles"])]
+    row: Mapping[str, Any]
+    uid: str
+    modality: str
+    body_part: str | None
+    projection: bool
+    scan: SeriesScan
+    plane: str | None  # the decoded volume's plane
+    thirds: np.ndarray  # each sorted slice's fraction of the scan's z extent
+    parts: Sequence[Sequence[str]]  # the caption parts of the modality
+    max_tokens: int
+    settings: Mapping[str, Any]
+    out_dir: Path
+    shard: int
+    pixel_source: str
+    terms: tuple[str | None, str | None]
 
 
 def prepare_series(
@@ -338,84 +190,133 @@ def prepare_series(
     """
     uid = str(row["SeriesInstanceUID"])
     if not series_dir.is_dir():
-        return [], [_reject(uid, f"series folder {series_dir.name} missing", "prepare")]
+        return [], [rejection_row(uid, f"series folder {series_dir.name} missing", "prepare")]
     scan = scan_series(series_dir, uid, scan_rules(settings))
     rejected = [
-        _reject(uid, r.reason, "prepare", r.file, category=r.category) for r in scan.rejected
+        rejection_row(uid, r.reason, "prepare", r.file, category=r.category) for r in scan.rejected
     ]
     if not scan.slices:
-        return [], [*rejected, _reject(uid, _empty_series_reason(scan), "prepare")]
+        return [], [*rejected, rejection_row(uid, _empty_series_reason(scan), "prepare")]
     modality = str(cell(row, "Modality") or scan.header["Modality"] or "").upper()
     body_part = cell(row, "BodyPartExamined") or scan.header["BodyPartExamined"]
     projection = is_projection(modality, scan)
     candidates = choose_slices(scan, projection, settings)
     volume = load_slices(scan, sorted(candidates), candidates)
     rejected += [
-        _reject(uid, r.reason, "prepare", r.file, _index_of(scan, r.file), r.category)
+        rejection_row(uid, r.reason, "prepare", r.file, _index_of(scan, r.file), r.category)
         for r in volume.rejected[len(scan.rejected) :]
     ]
-    own_voi: dict[int, Window | None] = {}  # radiographs etc.: each file's own VOI window
+    own_voi, series_wins = slice_windows(modality, body_part, scan, volume, settings)
+    caption = settings["caption"]
+    job = SeriesJob(
+        row=row,
+        uid=uid,
+        modality=modality,
+        body_part=body_part,
+        projection=projection,
+        scan=scan,
+        plane=volume.plane,
+        thirds=axis_fractions(scan.z_mm),
+        parts=parts_for(modality, caption),
+        max_tokens=int(caption.get("max_tokens", CLIP_MAX_TOKENS)),
+        settings=settings,
+        out_dir=out_dir,
+        shard=shard,
+        pixel_source=pixel_source,
+        terms=terms,
+    )
+    records = []
+    for values, index, position, header in zip(
+        volume.volume, volume.slice_indices, volume.positions_mm, volume.headers, strict=True
+    ):
+        own = own_voi.get(index)
+        windows = [own] if own is not None else series_wins
+        slice_records, slice_rejected = prepare_slice(job, values, index, position, header, windows)
+        records += slice_records
+        rejected += slice_rejected
+    if not records:
+        rejected.append(rejection_row(uid, "no usable slice in the series", "prepare"))
+    return records, rejected
+
+
+def slice_windows(
+    modality: str,
+    body_part: str | None,
+    scan: SeriesScan,
+    volume: SeriesVolume,
+    settings: Mapping[str, Any],
+) -> tuple[dict[int, Window | None], list[Window]]:
+    """Each decoded slice's own VOI window (radiographs etc.; None where a file has none),
+    and the series' windows for the slices shown without one (step 3)."""
+    own_voi: dict[int, Window | None] = {}
     if modality not in ("CT", "MR"):
         pairs = zip(volume.slice_indices, volume.headers, strict=True)
         own_voi = {index: voi_window(header, settings) for index, header in pairs}
     series_wins = []
     if modality in ("CT", "MR") or None in own_voi.values():
         series_wins = series_windows(modality, body_part, scan, settings)
-    thirds = axis_fractions(scan.z_mm)
-    caption = settings["caption"]
-    parts = parts_for(modality, caption)
-    max_tokens = int(caption.get("max_tokens", CLIP_MAX_TOKENS))
-    records = []
-    for values, index, position, header in zip(
-        volume.volume, volume.slice_indices, volume.positions_mm, volume.headers, strict=True
-    ):
-        file = header.name
-        own = own_voi.get(index)
-        windows = [own] if own is not None else series_wins
-        images = [render(values, w, header.photometric) for w in windows]
-        problem = quality_problem(values, images[0], modality, settings)
-        if problem is not None:
-            category, reason = problem
-            rejected.append(_reject(uid, f"{file}: {reason}", "prepare", file, index, category))
+    return own_voi, series_wins
+
+
+def prepare_slice(
+    job: SeriesJob,
+    values: np.ndarray,
+    index: int,
+    position: float,
+    header: SliceHeader,
+    windows: list[Window],
+) -> tuple[list[dict], list[dict]]:
+    """Render one decoded slice through its windows, filter it, caption and write its PNGs
+    (steps 3 to 6); return its records and rejections."""
+    file = header.name
+    images = [render(values, w, header.photometric) for w in windows]
+    problem = quality_problem(values, images[0], job.modality, job.settings)
+    if problem is not None:
+        category, reason = problem
+        return [], [rejection_row(job.uid, f"{file}: {reason}", "prepare", file, index, category)]
+    fields = slice_caption_fields(job, index)
+    records, rejected = [], []
+    for window, image in zip(windows, images, strict=True):
+        name = f"images/{job.uid}_{index:04d}_{window.name}.png"
+        fields = {**fields, "window": window.caption}
+        text = caption_text(fields, job.parts, job.settings["caption"], name)
+        if not text.strip():
+            reason = f"{file}: empty caption (no field of any caption part is known)"
+            rejected.append(rejection_row(job.uid, reason, "prepare", file, index, "empty_caption"))
             continue
-        fields = caption_fields(
-            modality=modality,
-            body_part=body_part,
-            sex=cell(row, "PatientSex") or scan.header["PatientSex"],
-            age=cell(row, "PatientAge") or scan.header["PatientAge"],
-            plane=None if projection else volume.plane,
-            view_position=scan.header["ViewPosition"] if projection else None,
-            contrast=scan.header.get("ContrastBolusAgent"),
-            position=None if projection or volume.plane != "axial" else third_of(thirds[index]),
-            disease=terms[0],
-            site=terms[1],
+        output, resize = to_output(image, header.pixel_spacing, job.settings)
+        write_png(output, job.out_dir / name)
+        tokens = clip_token_count(text)
+        if tokens > job.max_tokens:
+            log.warning("%s: caption has ~%d CLIP tokens (> %d)", name, tokens, job.max_tokens)
+        slice_info = {
+            "slice_index": index,
+            "slice_position_mm": float(position),
+            "resize": resize,
+            "SOPInstanceUID": header.sop_uid,
+            "text_tokens": tokens,
+        }
+        records.append(
+            record_row(job.row, name, text, window, fields, slice_info, job.shard, job.pixel_source)
         )
-        for window, image in zip(windows, images, strict=True):
-            name = f"images/{uid}_{index:04d}_{window.name}.png"
-            fields = {**fields, "window": window.caption}
-            text = caption_text(fields, parts, caption, name)
-            if not text.strip():
-                reason = f"{file}: empty caption (no field of any caption part is known)"
-                rejected.append(_reject(uid, reason, "prepare", file, index, "empty_caption"))
-                continue
-            output, resize = to_output(image, header.pixel_spacing, settings)
-            write_png(output, out_dir / name)
-            tokens = clip_token_count(text)
-            if tokens > max_tokens:
-                log.warning("%s: caption has ~%d CLIP tokens (> %d)", name, tokens, max_tokens)
-            slice_info = {
-                "slice_index": index,
-                "slice_position_mm": float(position),
-                "resize": resize,
-                "SOPInstanceUID": header.sop_uid,
-                "text_tokens": tokens,
-            }
-            records.append(
-                _record(row, name, text, window, fields, slice_info, shard, pixel_source)
-            )
-    if not records:
-        rejected.append(_reject(uid, "no usable slice in the series", "prepare"))
     return records, rejected
+
+
+def slice_caption_fields(job: SeriesJob, index: int) -> dict[str, str | None]:
+    """The caption fields of the slice at sorted-stack `index` (the window is added per image)."""
+    projection, scan = job.projection, job.scan
+    return caption_fields(
+        modality=job.modality,
+        body_part=job.body_part,
+        sex=cell(job.row, "PatientSex") or scan.header["PatientSex"],
+        age=cell(job.row, "PatientAge") or scan.header["PatientAge"],
+        plane=None if projection else job.plane,
+        view_position=scan.header["ViewPosition"] if projection else None,
+        contrast=scan.header.get("ContrastBolusAgent"),
+        position=None if projection or job.plane != "axial" else third_of(job.thirds[index]),
+        disease=job.terms[0],
+        site=job.terms[1],
+    )
 
 
 def _empty_series_reason(scan: SeriesScan) -> str:
@@ -464,77 +365,9 @@ def caption_text(
     )
 
 
-def _record(
-    row: Mapping[str, Any],
-    file_name: str,
-    text: str,
-    window: Window,
-    fields: Mapping[str, str | None],
-    slice_info: Mapping[str, Any],
-    shard: int,
-    pixel_source: str,
-) -> dict:
-    """One records.parquet row (columns as in RECORD_DTYPES)."""
-    return {
-        "file_name": file_name,
-        "text": text,
-        "split": cell(row, "split"),
-        "SeriesInstanceUID": str(row["SeriesInstanceUID"]),
-        "StudyInstanceUID": cell(row, "StudyInstanceUID"),
-        "collection_id": cell(row, "collection_id"),
-        "stratum": cell(row, "stratum"),
-        "shard": shard,
-        **slice_info,
-        "window": window.name,
-        "window_center": np.nan if window.center is None else window.center,
-        "window_width": np.nan if window.width is None else window.width,
-        **{k: fields[k] for k in CAPTION_FIELDS},
-        "pixel_source": pixel_source,
-        "license_short_name": cell(row, "license_short_name"),
-        "voi_index": window.voi_index,
-    }
-
-
 def _index_of(scan: SeriesScan, file: str) -> int | None:
     """Sorted-stack index of a file name in a scan."""
     return next((i for i, s in enumerate(scan.slices) if s.name == file), None)
-
-
-def _frame(rows: list[dict], dtypes: Mapping[str, str]) -> pd.DataFrame:
-    """A DataFrame with exactly `dtypes`' columns and types (also when empty)."""
-    frame = pd.DataFrame(rows, columns=list(dtypes))
-    return frame.astype(dict(dtypes))
-
-
-def _download_rejections(rows: pd.DataFrame, report: Mapping[str, Any]) -> dict[str, dict]:
-    """Series the download stage did not deliver intact, keyed by UID."""
-    entries = {str(s["SeriesInstanceUID"]): s for s in report.get("series", [])}
-    out = {}
-    for uid in rows["SeriesInstanceUID"].astype(str):
-        entry = entries.get(uid, {"status": "missing", "reason": "not in the download report"})
-        if entry.get("status") != "ok":
-            reason = f"download {entry.get('status')}: {entry.get('reason') or ''}".strip()
-            out[uid] = _reject(uid, reason, "download", category="download")
-    return out
-
-
-def check_dicom_present(rows: pd.DataFrame, report: Mapping[str, Any], dicom_dir: Path) -> None:
-    """ValueError when a series the download report marks ``ok`` has no folder of files
-    under ``dicom_dir`` (removed or archived after download): preparing now would silently
-    drop it, and an emptied shard would empty the dataset."""
-    ok = {str(s["SeriesInstanceUID"]) for s in report.get("series", []) if s["status"] == "ok"}
-    gone = [
-        uid
-        for uid in sorted(ok & set(rows["SeriesInstanceUID"].astype(str)))
-        if not series_files(dicom_dir / uid)
-    ]
-    if gone:
-        more = f" and {len(gone) - 1} more" if len(gone) > 1 else ""
-        raise ValueError(
-            f"{dicom_dir / gone[0]}{more}: DICOM marked ok in the download report is gone "
-            f"(removed or archived); restore it, or fetch it again with snakemake --forcerun "
-            f"{dicom_dir}.json (nothing was overwritten)"
-        )
 
 
 def _series_task(task: tuple) -> tuple[list[dict], list[dict]]:
@@ -546,7 +379,7 @@ def _series_task(task: tuple) -> tuple[list[dict], list[dict]]:
     except Exception as exc:  # one bad series must not stop the shard
         log.exception("series %s failed", uid)
         return [], [
-            _reject(uid, f"error: {type(exc).__name__}: {exc}", "prepare", category="error")
+            rejection_row(uid, f"error: {type(exc).__name__}: {exc}", "prepare", category="error")
         ]
 
 
@@ -587,7 +420,7 @@ def prepare_shard(
     for stale in images.glob("*.png"):
         stale.unlink()
     pixel_source = str(report.get("pixel_source", "idc"))
-    failed = _download_rejections(rows, report)
+    failed = download_rejections(rows, report)
     terms = collection_terms(rows)
     rejected: list[dict] = []
     tasks = []
@@ -602,8 +435,8 @@ def prepare_shard(
     for recs, rejs in run_tasks(tasks, workers):
         records += recs
         rejected += rejs
-    record_frame = _frame(records, RECORD_DTYPES)
-    rejected_frame = _frame(rejected, REJECTED_DTYPES)
+    record_frame = typed_frame(records, RECORD_DTYPES)
+    rejected_frame = typed_frame(rejected, REJECTED_DTYPES)
     rejected_frame.to_parquet(out_dir / "rejected.parquet", index=False)
     if len(rows) and record_frame.empty:  # no records.parquet: the reasons are in rejected
         reasons = rejected_frame["reason"].value_counts().head(3).to_dict()

@@ -120,30 +120,14 @@ def secondary_capture(
     date, time = run.created.strftime("%Y%m%d"), run.created.strftime("%H%M%S")
     sop_uid = instance_uid(run, prompt, seed)
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-
     ds = Dataset()
-    ds.file_meta = meta
+    ds.file_meta = file_meta(sop_uid)
     # SOP Common
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.SOPInstanceUID = sop_uid
     ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
-    # Patient
-    ds.PatientName = f"SYNTHETIC^{run.run_name}"[:64]
-    ds.PatientID = "SYNTHETIC"
-    ds.PatientBirthDate = ""
-    ds.PatientSex = ""
-    # General Study
-    ds.StudyInstanceUID = study_uid(run)
-    ds.StudyDate, ds.StudyTime = date, time
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = "SYNTH"
-    ds.AccessionNumber = ""
-    ds.StudyDescription = f"SYNTHETIC {run.run_name}"[:64]
+    set_patient_study(ds, run, date, time)
     # General Series
     ds.Modality = "OT"
     ds.SeriesInstanceUID = series_uid(run, prompt)
@@ -167,7 +151,38 @@ def secondary_capture(
     ds.LossyImageCompression = "00"
     ds.ImageComments = comments(run, prompt, seed)
     ds.DateOfSecondaryCapture, ds.TimeOfSecondaryCapture = date, time
-    # Image Pixel
+    set_image_pixels(ds, pixels)
+    add_generation_parameters(ds, run, prompt, seed)
+    return ds
+
+
+def file_meta(sop_uid: str) -> FileMetaDataset:
+    """The file meta of a Secondary Capture file (explicit VR little endian)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return meta
+
+
+def set_patient_study(ds: Dataset, run: RunInfo, date: str, time: str) -> None:
+    """The Patient and General Study modules: a synthetic patient, one study per run."""
+    # Patient
+    ds.PatientName = f"SYNTHETIC^{run.run_name}"[:64]
+    ds.PatientID = "SYNTHETIC"
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
+    # General Study
+    ds.StudyInstanceUID = study_uid(run)
+    ds.StudyDate, ds.StudyTime = date, time
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "SYNTH"
+    ds.AccessionNumber = ""
+    ds.StudyDescription = f"SYNTHETIC {run.run_name}"[:64]
+
+
+def set_image_pixels(ds: Dataset, pixels: np.ndarray) -> None:
+    """The Image Pixel module: 8-bit MONOCHROME2 pixels of a uint8 [H, W] array."""
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = pixels.shape
@@ -176,7 +191,10 @@ def secondary_capture(
     ds.HighBit = 7
     ds.PixelRepresentation = 0
     ds.PixelData = np.ascontiguousarray(pixels).tobytes()
-    # Generation parameters, machine-readable
+
+
+def add_generation_parameters(ds: Dataset, run: RunInfo, prompt: str, seed: int) -> None:
+    """The generation parameters, machine-readable, in the private block (module docstring)."""
     block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
     values = {
         "prompt": prompt,
@@ -190,7 +208,6 @@ def secondary_capture(
     }
     for key, (offset, vr) in PRIVATE_ELEMENTS.items():
         block.add_new(offset, vr, values[key])
-    return ds
 
 
 def series_folder(prompt_index: int) -> str:
