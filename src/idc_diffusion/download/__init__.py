@@ -8,6 +8,6 @@ Entry point: :func:`idc_diffusion.download.shard.download_shard`. Bytes come fro
 buckets with ``s5cmd`` (``fetch`` runs the attempts), from a folder (``local_source``) or from
 phantoms (``synthetic`` writes the DICOM files, ``phantom`` draws their pixels); ``verify``
 checks each series (``dicom_header`` reads the fields it needs), ``staging`` moves verified
-series from ``.partial`` into place, ``report`` writes the shard's status and ``rows`` reads
-the cohort fields the stage needs.
+series from ``.partial`` into place, ``report`` writes the shard's status and ``expected`` reads
+what a cohort row says to expect of a series (file count, listed objects, bytes).
 """

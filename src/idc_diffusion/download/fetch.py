@@ -17,7 +17,7 @@ from typing import Any
 
 from idc_diffusion.core.progress import Progress
 from idc_diffusion.download import s5cmd
-from idc_diffusion.download.rows import expected_count, listed_files
+from idc_diffusion.download.expected import expected_count, listed_files
 from idc_diffusion.download.staging import ORIGIN, PARTIAL, demote, finish
 from idc_diffusion.download.verify import (
     FileCheck,
@@ -30,7 +30,7 @@ from idc_diffusion.download.verify import (
 )
 
 # the stage's log lines keep the name of its entry module, as before this module was split off
-log = logging.getLogger("idc_diffusion.download.shard")
+log = logging.getLogger(__name__)
 
 S5CMD_DIR = ".s5cmd"
 CHECK_BATCH = 32  # landed files per verification task: waking the thread per file costs more

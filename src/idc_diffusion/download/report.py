@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from idc_diffusion.core.rows import cell
-from idc_diffusion.download.rows import expected_count
+from idc_diffusion.download.expected import expected_count
 from idc_diffusion.download.verify import STATUSES, SeriesCheck
 
 MAX_LISTED_FAILURES = 10

@@ -44,6 +44,7 @@ import pandas as pd
 from idc_diffusion.core.progress import Progress
 from idc_diffusion.core.rows import cell
 from idc_diffusion.download import local_source, s5cmd
+from idc_diffusion.download.expected import expected_bytes, expected_count
 from idc_diffusion.download.fetch import fetch
 from idc_diffusion.download.report import (
     build_report,
@@ -51,7 +52,6 @@ from idc_diffusion.download.report import (
     failure_summary,
     write_json,
 )
-from idc_diffusion.download.rows import expected_bytes, expected_count
 from idc_diffusion.download.staging import PARTIAL, adopt_moved, already_done, finish
 from idc_diffusion.download.synthetic import write_synthetic_series
 from idc_diffusion.download.verify import SeriesCheck

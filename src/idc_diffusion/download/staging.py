@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from idc_diffusion.download import s5cmd
+from idc_diffusion.download.expected import expected_count, listed_files
 from idc_diffusion.download.report import write_json
-from idc_diffusion.download.rows import expected_count, listed_files
 from idc_diffusion.download.verify import (
     FileCheck,
     KnownFiles,
@@ -23,7 +23,7 @@ from idc_diffusion.download.verify import (
 )
 
 # the stage's log lines keep the name of its entry module, as before this module was split off
-log = logging.getLogger("idc_diffusion.download.shard")
+log = logging.getLogger(__name__)
 
 PARTIAL = ".partial"
 ORIGIN = ".crdc_series_uuid"  # in a partial folder: the series version its files came from

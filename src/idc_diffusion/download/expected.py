@@ -1,5 +1,5 @@
-"""What the download reads from a cohort row besides its UIDs: instance count, listed objects
-and series sizes."""
+"""What a cohort row says to expect of a series, besides its UIDs: instance count, listed
+objects and series size."""
 
 from __future__ import annotations
 
