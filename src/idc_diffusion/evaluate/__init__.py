@@ -7,5 +7,7 @@ Reads both sample manifests, ``results/dataset/`` and the ``evaluate`` section. 
 Entry point: :func:`idc_diffusion.evaluate.evaluation.evaluate`. ``features`` extracts image
 features; ``metrics`` (FID/KID with intervals, ``prdc``, MS-SSIM diversity), ``adherence``,
 ``intensity``, ``subgroups``, ``matching`` and ``memorization`` compute the numbers;
-``report`` renders them.
+``report`` renders the document and the run sections, ``report_scores`` the score sections,
+``report_html`` holds the HTML building blocks, ``report_figures`` the matplotlib figures and
+``provenance`` the package versions and git commit.
 """

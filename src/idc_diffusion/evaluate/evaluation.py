@@ -37,10 +37,12 @@ from PIL import Image, UnidentifiedImageError
 from idc_diffusion.evaluate import intensity as I
 from idc_diffusion.evaluate import memorization as MEMO
 from idc_diffusion.evaluate import metrics as M
-from idc_diffusion.evaluate import report as R
+from idc_diffusion.evaluate import report_figures as F
 from idc_diffusion.evaluate.adherence import gaussian_blur, prompt_adherence
 from idc_diffusion.evaluate.features import FeatureExtractor, build_extractor
 from idc_diffusion.evaluate.matching import Matched, match_by_prompt, subset_indices, unmatched
+from idc_diffusion.evaluate.provenance import git_commit, package_versions
+from idc_diffusion.evaluate.report import is_synthetic, render_report
 from idc_diffusion.evaluate.subgroups import caption_index, subgroup_metrics
 
 DEFAULT_SETTINGS: dict[str, Any] = {
@@ -545,7 +547,7 @@ def sample_figures(
         rows.append(("fine-tuned", [load_rgb(fine_tuned.samples_dir / f) for f in files]))
         real = [load_rgb(p) for p in test_by_caption.get(prompt, [])[:per_prompt]]
         rows += [("real (test)", real)] if real else []
-        png = R.image_rows_png(rows, prompt)
+        png = F.image_rows_png(rows, prompt)
         items.append(
             {
                 "prompt": prompt,
@@ -571,7 +573,7 @@ def pairs_figure(pairs: list[dict], samples_dir: Path, train_dir: Path) -> bytes
         )
         for p in pairs
     ]
-    return R.pairs_png(shown)
+    return F.pairs_png(shown)
 
 
 # ----------------------------------------------------------------------------- stage
@@ -601,7 +603,7 @@ def evaluate(
     train_entries = read_metadata(dataset_dir / "train")
     val_entries = read_metadata(dataset_dir / "val")
     pixel_source = sorted({str(e.get("pixel_source")) for e in test_entries + train_entries})
-    extractor = build_extractor(settings["feature_extractor"], R.is_synthetic(pixel_source))
+    extractor = build_extractor(settings["feature_extractor"], is_synthetic(pixel_source))
     figures_dir = out_dir / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
     for stale in figures_dir.glob("*.png"):
@@ -707,7 +709,7 @@ def evaluate(
         "training": {
             "summary": train_summary,
             "loss_figure": _save(
-                figures_dir, "loss_curve.png", R.loss_curve_png(train_log, val_curve)
+                figures_dir, "loss_curve.png", F.loss_curve_png(train_log, val_curve)
             ),
             "validation_grids": [(step, path.read_bytes()) for step, path in grids],
             "notes": training_notes,
@@ -718,12 +720,12 @@ def evaluate(
         "metrics": metrics,
         "adherence": {
             **(metrics["adherence"] or {}),
-            "figure": _save(figures_dir, "adherence_confusion.png", R.confusion_png(adherence)),
+            "figure": _save(figures_dir, "adherence_confusion.png", F.confusion_png(adherence)),
         },
         "intensity": {
             **metrics["intensity"],
             "figure": _save(
-                figures_dir, "intensity_histograms.png", R.histograms_png(metrics["intensity"])
+                figures_dir, "intensity_histograms.png", F.histograms_png(metrics["intensity"])
             ),
         },
         "subgroups": metrics["subgroups"],
@@ -737,12 +739,12 @@ def evaluate(
         ),
         "provenance": {
             "config": config,
-            "packages": R.package_versions(),
-            "git_commit": R.git_commit(),
+            "packages": package_versions(),
+            "git_commit": git_commit(),
             "idc_index_data_version": (cohort or {}).get("idc_index_data_version"),
         },
     }
-    (out_dir / "report.html").write_text(R.render_report(context), encoding="utf-8")
+    (out_dir / "report.html").write_text(render_report(context), encoding="utf-8")
     return metrics
 
 
@@ -821,7 +823,7 @@ def memorization_context(
         "summary": summary,
         "flagged": flagged,
         "shown": shown,
-        "histogram": _save(figures_dir, "memorization_null.png", R.null_histogram_png(summary)),
+        "histogram": _save(figures_dir, "memorization_null.png", F.null_histogram_png(summary)),
         "figure": _save(
             figures_dir, "memorization_pairs.png", pairs_figure(shown, samples_dir, train_dir)
         ),
