@@ -1,7 +1,7 @@
 """A single self-contained HTML evaluation report: the document and the sections on the run.
 
 :func:`render_report` turns a plain ``context`` dict (built by
-:mod:`idc_diffusion.evaluate.evaluation`) into one HTML string: inline CSS, images as base64
+:mod:`idc_diffusion.evaluate.report_context`) into one HTML string: inline CSS, images as base64
 PNG data URIs, no external assets. Every section has an id (:data:`SECTION_IDS`). This module
 renders the sections on what went in (overview, cohort, citations, data, training, samples,
 provenance); :mod:`idc_diffusion.evaluate.report_scores` renders the scores. Missing parts of the
