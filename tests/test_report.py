@@ -7,16 +7,10 @@ import re
 import numpy as np
 from eval_fixtures import CITATIONS, COHORT_SUMMARY
 
-from idc_diffusion.evaluate.report import (
-    SECTION_IDS,
-    confusion_png,
-    image_rows_png,
-    linkify,
-    loss_curve_png,
-    markdown_html,
-    package_versions,
-    render_report,
-)
+from idc_diffusion.evaluate.provenance import package_versions
+from idc_diffusion.evaluate.report import SECTION_IDS, render_report
+from idc_diffusion.evaluate.report_figures import confusion_png, image_rows_png, loss_curve_png
+from idc_diffusion.evaluate.report_html import linkify, markdown_html
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
