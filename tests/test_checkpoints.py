@@ -26,7 +26,8 @@ from idc_diffusion.train.checkpoints import (
     parse_squeue_time,
     slurm_end_time,
 )
-from idc_diffusion.train.fine_tune import NonFiniteLoss, train
+from idc_diffusion.train.fine_tune import train
+from idc_diffusion.train.train_step import NonFiniteLoss
 
 ROOT = Path(__file__).resolve().parents[1]
 PROVENANCE = {"cohort_summary": {"licenses": {"CC BY 4.0": 1}}, "pixel_source": "synthetic"}

@@ -10,7 +10,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from train_fixtures import CAPTIONS, settings, write_dataset
 
-from idc_diffusion.train import fine_tune as training
+from idc_diffusion.train import run_setup
+from idc_diffusion.train.fine_tune import train
 from idc_diffusion.train.models import build_tiny_pipeline
 from idc_diffusion.train.text_embeddings import BATCH, TextEmbeddingCache
 from idc_diffusion.train.train_data import tokenize
@@ -64,13 +65,13 @@ def test_least_recently_used_sequences_are_dropped(pipeline: StableDiffusionPipe
 
 def run(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch, make, **options) -> dict:
     """Train with `make` in place of TextEmbeddingCache; the log's losses and the UNet."""
-    monkeypatch.setattr(training, "TextEmbeddingCache", make)
+    monkeypatch.setattr(run_setup, "TextEmbeddingCache", make)
     data = tmp_path / "data"
     if not data.exists():
         write_dataset(data, train=12, val=2)
     out = tmp_path / name
     common = {"max_steps": 4, "caption_dropout": 0.5}
-    training.train(settings(**common, **options), data, out, {"pixel_source": "synthetic"})
+    train(settings(**common, **options), data, out, {"pixel_source": "synthetic"})
     losses = [json.loads(x)["loss"] for x in (out / "train_log.jsonl").read_text().splitlines()]
     unet = StableDiffusionPipeline.from_pretrained(out).unet.state_dict()
     return {"losses": losses, "unet": unet}

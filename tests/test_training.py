@@ -11,19 +11,13 @@ import torch
 from diffusers import DDPMScheduler, PNDMScheduler, StableDiffusionPipeline
 from train_fixtures import settings, write_dataset, write_split
 
-from idc_diffusion.train import fine_tune as training
-from idc_diffusion.train import models
+from idc_diffusion.train import models, run_setup
 from idc_diffusion.train.checkpoints import fingerprint, list_checkpoints
-from idc_diffusion.train.fine_tune import (
-    enable_tf32,
-    heldout_loss,
-    place_models,
-    prediction_target,
-    train,
-    with_defaults,
-)
+from idc_diffusion.train.fine_tune import train, with_defaults
 from idc_diffusion.train.models import SD21_BASE_SCHEDULER, ModelError, build_tiny_pipeline
-from idc_diffusion.train.train_data import BatchStream, batch_indices, read_split
+from idc_diffusion.train.objective import heldout_loss, prediction_target
+from idc_diffusion.train.run_setup import enable_tf32, place_models, process_group_timeout
+from idc_diffusion.train.train_data import BatchStream, batch_indices, load_images, read_split
 
 PROVENANCE = {
     "cohort_summary": {"idc_version": "v25", "licenses": {"CC BY 4.0": 3}},
@@ -92,7 +86,7 @@ def test_resume_log_starts_after_checkpoint(data: Path, tmp_path: Path, caplog) 
         handle.write(json.dumps({"step": 3, "loss": 9.0}) + "\n")
     train(settings(max_steps=3), data, out, PROVENANCE)
     (out / "train_log.jsonl").unlink()
-    with caplog.at_level("INFO", logger="idc_diffusion.train.fine_tune"):
+    with caplog.at_level("INFO", logger="idc_diffusion.train.resume"):
         train(settings(max_steps=4), data, out, PROVENANCE)
     assert "resuming from checkpoint-3 (step 3)" in caplog.text
     assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
@@ -136,7 +130,7 @@ def test_empty_train_split_fails_before_model_load(
     def must_not_load(*args, **kwargs):
         raise AssertionError("model loaded before the data check")
 
-    monkeypatch.setattr(training, "load_base_pipeline", must_not_load)
+    monkeypatch.setattr(run_setup, "load_base_pipeline", must_not_load)
     with pytest.raises(ValueError, match=r"train[/\\]metadata\.jsonl"):
         train(settings(), tmp_path, tmp_path / "model", PROVENANCE)
 
@@ -180,7 +174,7 @@ def test_v_prediction_run(data: Path, tmp_path: Path, monkeypatch: pytest.Monkey
         pipeline.scheduler = PNDMScheduler.from_config(config)
         return pipeline
 
-    monkeypatch.setattr(training, "load_base_pipeline", v_pipeline)
+    monkeypatch.setattr(run_setup, "load_base_pipeline", v_pipeline)
     out = tmp_path / "model"
     summary = train(settings(max_steps=3), data, out, PROVENANCE)
     assert summary["prediction_type"] == "v_prediction"
@@ -191,7 +185,7 @@ def test_v_prediction_run(data: Path, tmp_path: Path, monkeypatch: pytest.Monkey
 def test_heldout_loss_is_deterministic(data: Path) -> None:
     pipeline = build_tiny_pipeline(seed=0)
     split = read_split(data, "val")
-    images = training.load_images(split.paths)
+    images = load_images(split.paths)
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     parts = (pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, scheduler)
     first = heldout_loss(pipeline.unet, *parts, images, split.captions, seed=3)
@@ -224,5 +218,5 @@ def test_tf32_setup_and_train_mode() -> None:
 
 def test_process_group_timeout_covers_each_process_share_of_the_encoding() -> None:
     # 160,000 images over 8 processes at 5 images/s: 4,000 s each, on top of the 30 min
-    assert training.process_group_timeout(160_000, 8) == timedelta(minutes=30, seconds=4000)
-    assert training.process_group_timeout(0, 1) == timedelta(minutes=30)
+    assert process_group_timeout(160_000, 8) == timedelta(minutes=30, seconds=4000)
+    assert process_group_timeout(0, 1) == timedelta(minutes=30)

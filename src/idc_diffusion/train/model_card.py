@@ -87,27 +87,45 @@ def render_model_card(
     summary: Mapping[str, Any], settings: Mapping[str, Any], provenance: Mapping[str, Any]
 ) -> str:
     """Markdown model card from the train summary, the train settings and the provenance."""
-    cohort = provenance.get("cohort_summary") or {}
+    sources = pixel_sources(summary, provenance)
+    lines = [
+        *title_lines(provenance, sources),
+        *model_lines(summary, settings),
+        *base_model_lines(provenance.get("base_model")),
+        *data_lines(summary, provenance, sources),
+        *training_lines(summary, settings),
+        *LIMITATIONS,
+    ]
+    return "\n".join(lines)
+
+
+def pixel_sources(summary: Mapping[str, Any], provenance: Mapping[str, Any]) -> list[str]:
+    """Where the training pixels came from (``idc``, ``synthetic``, ...), sorted."""
     source = provenance.get("pixel_source") or summary.get("pixel_source") or "unknown"
-    sources = [source] if isinstance(source, str) else sorted(map(str, source))
-    pixel_source = ", ".join(sources) or "unknown"
-    licenses = cohort.get("licenses") or {}
-    collections = provenance.get("collections") or cohort.get("collections") or {}
+    return [source] if isinstance(source, str) else sorted(map(str, source))
+
+
+def title_lines(provenance: Mapping[str, Any], sources: list[str]) -> list[str]:
+    """The card's title, and a warning when the pixels are not real IDC images."""
+    lines = [f"# {provenance.get('run_name') or 'IDC-Diffusion'}: fine-tuned Stable Diffusion", ""]
+    if sources != ["idc"]:
+        lines += [
+            f"> **WARNING: trained on `{', '.join(sources) or 'unknown'}` pixel data, not real "
+            "IDC images.** This model is a pipeline demonstration only; its outputs mean nothing "
+            "medically.",
+            "",
+        ]
+    return lines
+
+
+def model_lines(summary: Mapping[str, Any], settings: Mapping[str, Any]) -> list[str]:
+    """The card's "Model" section: base, what was fine-tuned, prediction type, resolution."""
     mode = summary.get("mode", "full")
     trained = "LoRA adapters on the UNet attention" if mode == "lora" else "the whole UNet"
     if summary.get("train_text_encoder"):
         trained += " and the text encoder" + (" (LoRA)" if mode == "lora" else "")
     frozen = "VAE frozen" if summary.get("train_text_encoder") else "VAE and text encoder frozen"
-    base = provenance.get("base_model")
-    lines = [f"# {provenance.get('run_name') or 'IDC-Diffusion'}: fine-tuned Stable Diffusion", ""]
-    if sources != ["idc"]:
-        lines += [
-            f"> **WARNING: trained on `{pixel_source}` pixel data, not real IDC images.** "
-            "This model is a pipeline demonstration only; its outputs mean nothing "
-            "medically.",
-            "",
-        ]
-    lines += [
+    return [
         "## Model",
         "",
         f"- Base model: `{summary['base_model']}`"
@@ -124,10 +142,22 @@ def render_model_card(
         ),
         f"- Prediction type: `{summary['prediction_type']}`; resolution {summary['resolution']} px",
         "",
-        *base_model_lines(base),
+    ]
+
+
+def data_lines(
+    summary: Mapping[str, Any], provenance: Mapping[str, Any], sources: list[str]
+) -> list[str]:
+    """The card's "Data" section: images, release, licenses, collections, citation."""
+    cohort = provenance.get("cohort_summary") or {}
+    licenses = cohort.get("licenses") or {}
+    collections = provenance.get("collections") or cohort.get("collections") or {}
+    base = provenance.get("base_model")
+    return [
         "## Data",
         "",
-        f"- Training images: {summary['train_images']} (pixel source: `{pixel_source}`)",
+        f"- Training images: {summary['train_images']} (pixel source: "
+        f"`{', '.join(sources) or 'unknown'}`)",
         f"- Held-out split: `{summary['heldout_split']}`, {summary['heldout_images']} images",
         f"- IDC data release: {_fmt(cohort.get('idc_version'))}"
         f" (idc-index-data {_fmt(cohort.get('idc_index_data_version'))})",
@@ -147,6 +177,12 @@ def render_model_card(
         f"- Cite: see `{provenance.get('citations_path') or 'results/cohort/CITATIONS.md'}` "
         "(each collection's source DOI, IDC and TCIA)",
         "",
+    ]
+
+
+def training_lines(summary: Mapping[str, Any], settings: Mapping[str, Any]) -> list[str]:
+    """The card's "Training" section: steps, seeds, held-out loss, time, hyperparameters."""
+    return [
         "## Training",
         "",
         f"- Optimizer steps: {summary['steps']}; effective batch size "
@@ -166,21 +202,25 @@ def render_model_card(
             if key not in RUNTIME_ONLY["train"]  # how the job ran, not what it computed
         ),
         "",
-        "## Intended use and limitations",
-        "",
-        "- Research use only (methods development, data-augmentation studies). **Not for "
-        "clinical use**: generated images are not diagnostic and must never be presented as "
-        "patient data.",
-        "- The licenses of the training data apply to this model and its outputs; some "
-        "licenses (e.g. CC BY) require attribution: cite the sources listed above.",
-        "- The model reflects its training cohort's modalities, body parts, scanners and "
-        "demographics, including their biases and gaps; captions carry only coarse "
-        "de-identified fields.",
-        "- Diffusion models can memorize training images: audit nearest neighbours before "
-        "sharing samples.",
-        "",
     ]
-    return "\n".join(lines)
+
+
+# The card's "Intended use and limitations" section.
+LIMITATIONS = (
+    "## Intended use and limitations",
+    "",
+    "- Research use only (methods development, data-augmentation studies). **Not for "
+    "clinical use**: generated images are not diagnostic and must never be presented as "
+    "patient data.",
+    "- The licenses of the training data apply to this model and its outputs; some "
+    "licenses (e.g. CC BY) require attribution: cite the sources listed above.",
+    "- The model reflects its training cohort's modalities, body parts, scanners and "
+    "demographics, including their biases and gaps; captions carry only coarse "
+    "de-identified fields.",
+    "- Diffusion models can memorize training images: audit nearest neighbours before "
+    "sharing samples.",
+    "",
+)
 
 
 def write_model_card(
