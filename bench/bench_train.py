@@ -3,7 +3,7 @@
 The baseline mirrors one step of diffusers' ``examples/text_to_image/train_text_to_image.py``
 (shuffled DataLoader of decoded images, ``vae.encode(...).latent_dist.sample()`` every step,
 ``randn_like`` noise, random timesteps, text encoder, UNet, MSE to the scheduler's target,
-``accelerator.backward``, clipping, AdamW, LR scheduler). Ours is ``training.train()``
+``accelerator.backward``, clipping, AdamW, LR scheduler). Ours is ``fine_tune.train()``
 itself, with ``use_latent_cache`` (latents from the cache: no VAE in the step) and
 without; its step times come from ``train_log.jsonl`` (0.1 ms resolution). Besides the
 skipped encode, ours reuses text embeddings of a frozen text encoder, steps a fused AdamW
@@ -149,7 +149,7 @@ def load_image_size(split: Any) -> int:
 
 
 def our_step_seconds(settings: dict, data_dir: Path, out_dir: Path) -> list[float]:
-    """Per-step seconds of training.train() from its train_log.jsonl."""
+    """Per-step seconds of fine_tune.train() from its train_log.jsonl."""
     train(settings, data_dir, out_dir, {"pixel_source": "synthetic"}, latent_dir=None)
     log = [json.loads(x) for x in (out_dir / "train_log.jsonl").read_text().splitlines()]
     seconds = [0.0] + [r["seconds"] for r in log]
@@ -211,7 +211,7 @@ def run(rounds: int = 3, warmup: int = 3, steps: int = 10) -> dict:
     ratio = ref / ours
     return {
         "title": "Training step (tiny SD-2, CPU, latent cache)",
-        "what": "Median optimizer-step time, 64 px, batch 8, float32: training.train() on the "
+        "what": "Median optimizer-step time, 64 px, batch 8, float32: fine_tune.train() on the "
         "latent cache vs a loop mirroring diffusers' train_text_to_image.py (VAE encode "
         "every step), same model, images and run.",
         "baseline": {"label": "diffusers train_text_to_image.py loop", "value": round(ref, 4)},

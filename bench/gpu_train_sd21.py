@@ -1,7 +1,7 @@
 """Training throughput of SD 2.1-base on a GPU: ours (latent cache, and without it) vs
 diffusers' loop.
 
-For gradient checkpointing off and on, times ``training.train()`` with and without
+For gradient checkpointing off and on, times ``fine_tune.train()`` with and without
 ``use_latent_cache`` and the loop of diffusers' ``train_text_to_image.py`` (bench_train.py's
 reference: VAE encode every step) on the same model, images, batch and precision, and
 reports images/s, peak GPU memory above what was allocated before the run, and model FLOP

@@ -120,7 +120,7 @@ def gpu_train_result(raw: dict) -> dict:
     return {
         "title": "Training throughput, SD 2.1-base on a GPU",
         "what": (
-            f"images/s of training.train() ({raw['model']}, {raw['resolution']} px, batch "
+            f"images/s of fine_tune.train() ({raw['model']}, {raw['resolution']} px, batch "
             f"{raw['batch']}, {raw['precision']}) on the latent cache vs a loop mirroring "
             "diffusers' train_text_to_image.py (VAE encode every step), same weights, images "
             "and precision; median step after warm-up. Details: both without the cache and "

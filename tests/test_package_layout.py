@@ -2,8 +2,9 @@
 
 A stage may import the shared core and the stages before it (their data contracts and
 helpers), never a later stage; the core imports no stage. Every module lives in a stage or
-the core (the CLI aside), and every subpackage says in its docstring what it reads and writes
-and names an entry module that exists.
+the core (the CLI aside), every subpackage says in its docstring what it reads and writes
+and names an entry module that exists, and no function or module grows past what one reader
+holds in mind.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "idc_diffusion"
 STAGES = ("cohort", "download", "prepare", "train", "sample", "evaluate")
 CORE = "core"
 TOP_LEVEL = {"__init__", "__main__", "cli"}  # the CLI dispatches to every stage
+MAX_FUNCTION_LINES = 80
+MAX_MODULE_LINES = 500
 
 
 def rank(subpackage: str) -> int:
@@ -100,3 +103,16 @@ def test_subpackage_docstring_names_what_it_does(subpackage: str) -> None:
         tree = ast.parse((PACKAGE / subpackage / f"{module}.py").read_text())
         defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)}
         assert function in defined, f"{subpackage}.{module} defines no {function}"
+
+
+@pytest.mark.parametrize("module", library_modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_functions_and_modules_stay_readable(module: Path) -> None:
+    source = module.read_text()
+    assert source.count("\n") <= MAX_MODULE_LINES, f"{module.name}: over {MAX_MODULE_LINES} lines"
+    long = [
+        f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert not long, f"{module.name}: functions over {MAX_FUNCTION_LINES} lines: {long}"

@@ -11,10 +11,13 @@ import torch
 from diffusers import DDPMScheduler
 
 from idc_diffusion.train import latent_cache
-from idc_diffusion.train.loss_weighting import min_snr_weights, snr, weighted_mse
+from idc_diffusion.train.loss_weighting import (
+    PREDICTION_TYPES,
+    min_snr_weights,
+    snr,
+    weighted_mse,
+)
 from idc_diffusion.train.train_data import seeded_generator, tokenize
-
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def prediction_target(
@@ -122,31 +125,6 @@ def denoising_loss(
         target = prediction_target(scheduler, latents, noise, timesteps)
     pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
     return weighted_mse(pred, target, weights)
-
-
-def diffusion_loss(
-    unet: torch.nn.Module,
-    vae: torch.nn.Module,
-    text_encoder: torch.nn.Module,
-    scheduler: DDPMScheduler,
-    pixel_values: torch.Tensor,
-    input_ids: torch.Tensor,
-    draws: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """The denoising MSE of `unet` on one pixel batch, given its noise `draws` (draw_noise).
-
-    Latents are a VAE posterior sample times the VAE's scaling factor; the noise lands on
-    the batch's device, so the same draws give the same loss on any device.
-    """
-    device = pixel_values.device
-    eps, noise, timesteps = (t.to(device) for t in draws)
-    mean, std = encode_batch(vae, pixel_values)
-    latents = sample_latents(mean, std, eps, vae.config.scaling_factor)
-    with torch.no_grad():
-        hidden = text_encoder(input_ids.to(device), return_dict=False)[0]
-    loss = denoising_loss(unet, scheduler, latents, noise.to(latents.dtype), timesteps, hidden)
-    return loss.mean() if reduction == "mean" else loss
 
 
 def heldout_loss_from_moments(
