@@ -148,25 +148,14 @@ def cmd_base_model(args: argparse.Namespace) -> None:
 
 def cmd_latents(args: argparse.Namespace) -> None:
     require_cuda(args.gpus)
-    import torch
+    from idc_diffusion.train.encode_latents import encode_latents
 
-    from idc_diffusion.train.fine_tune import with_defaults
-    from idc_diffusion.train.latent_cache import cache_fingerprint, write_latent_cache
-    from idc_diffusion.train.models import load_base_pipeline
-    from idc_diffusion.train.run_setup import WEIGHT_DTYPES, load_splits
-
-    settings = with_defaults(_settings(args, "train"))
-    train_split, heldout, resolution = load_splits(settings, Path(args.dataset_dir))
-    spec = args.base_dir or settings["base_model"]
-    pipeline = load_base_pipeline(spec, settings["revision"], settings["tiny_seed"], resolution)
-    # the dtype training encodes in, so that train accepts the cache
-    dtype = WEIGHT_DTYPES.get(settings["mixed_precision"], torch.float32)
-    print_ = cache_fingerprint(pipeline.vae, dtype)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    vae = pipeline.vae.requires_grad_(False).eval().to(device, dtype)
-    log.info("encoding %d + %d images on %s in %s", len(train_split), len(heldout), device, dtype)
-    write_latent_cache(
-        Path(args.out_dir), vae, [train_split, heldout], print_, batch_size=args.batch_size
+    encode_latents(
+        _settings(args, "train"),
+        Path(args.dataset_dir),
+        Path(args.out_dir),
+        base_dir=Path(args.base_dir) if args.base_dir else None,
+        batch_size=args.batch_size,
     )
 
 
@@ -192,25 +181,15 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_model_card(args: argparse.Namespace) -> None:
-    from idc_diffusion.train.model_card import write_model_card
+    from idc_diffusion.train.model_card import card_provenance, write_model_card
 
-    cohort_dir = Path(args.cohort_dir)
-    provenance = {
-        "run_name": _top_level(args, "run_name"),
-        "cohort_summary": json.loads((cohort_dir / "summary.json").read_text()),
-        "citations_path": str(cohort_dir / "CITATIONS.md"),
-    }
-    cohort_table = cohort_dir / "cohort.parquet"
-    if cohort_table.is_file():  # series per collection of the train split
-        rows = pd.read_parquet(cohort_table, columns=["collection_id", "split"])
-        counts = rows[rows["split"] == "train"]["collection_id"].value_counts()
-        provenance["collections"] = {str(k): int(v) for k, v in counts.items()}
-    manifest = Path(args.base_dir) / "manifest.json" if args.base_dir else None
-    if manifest is not None and manifest.is_file():  # the base_model stage's record
-        provenance["base_model"] = json.loads(manifest.read_text(encoding="utf-8"))
-    model_dir = Path(args.model_dir)
+    provenance = card_provenance(
+        _top_level(args, "run_name"),
+        Path(args.cohort_dir),
+        Path(args.base_dir) if args.base_dir else None,
+    )
     out = Path(args.out) if args.out else None
-    path = write_model_card(model_dir, _settings(args, "train"), provenance, out)
+    path = write_model_card(Path(args.model_dir), _settings(args, "train"), provenance, out)
     log.info("model card: %s", path)
 
 

@@ -7,6 +7,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from idc_diffusion.core.rerun import RUNTIME_ONLY
 
 CARD_NAME = "model_card.md"
@@ -221,6 +223,25 @@ LIMITATIONS = (
     "sharing samples.",
     "",
 )
+
+
+def card_provenance(run_name: str, cohort_dir: Path, base_dir: Path | None) -> dict[str, Any]:
+    """What the card says of the run beyond the training summary: run name, cohort summary,
+    citations, series per collection of the train split, the base_model stage's manifest."""
+    provenance: dict[str, Any] = {
+        "run_name": run_name,
+        "cohort_summary": json.loads((cohort_dir / "summary.json").read_text()),
+        "citations_path": str(cohort_dir / "CITATIONS.md"),
+    }
+    cohort_table = cohort_dir / "cohort.parquet"
+    if cohort_table.is_file():
+        rows = pd.read_parquet(cohort_table, columns=["collection_id", "split"])
+        counts = rows[rows["split"] == "train"]["collection_id"].value_counts()
+        provenance["collections"] = {str(k): int(v) for k, v in counts.items()}
+    manifest = base_dir / "manifest.json" if base_dir else None
+    if manifest is not None and manifest.is_file():
+        provenance["base_model"] = json.loads(manifest.read_text(encoding="utf-8"))
+    return provenance
 
 
 def write_model_card(
