@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import pytest
+from import_graph import own_imports
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "idc_diffusion"
 # The stages in workflow order; a module may import stages at or before its own.
@@ -31,22 +32,8 @@ def rank(subpackage: str) -> int:
 
 def imported_subpackages(source: str) -> set[str]:
     """The ``idc_diffusion`` subpackages a module's source imports, at any depth."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            parts = node.module.split(".")
-            if parts[0] != "idc_diffusion":
-                continue
-            if len(parts) > 1:
-                found.add(parts[1])
-            else:  # from idc_diffusion import <subpackage>
-                found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.Import):
-            for alias in node.names:
-                parts = alias.name.split(".")
-                if parts[0] == "idc_diffusion" and len(parts) > 1:
-                    found.add(parts[1])
-    return found
+    ours = own_imports(ast.parse(source))[0]
+    return {name.split(".")[1] for name in ours if "." in name}
 
 
 def backward_imports(subpackage: str, source: str) -> list[str]:
